@@ -56,6 +56,8 @@ def _main_text_or_ids(main: Any) -> str | list[int]:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

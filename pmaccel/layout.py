@@ -1,0 +1,210 @@
+"""The packed layout of a sample and the attention masks over it (SPEC §2, §3).
+
+One sample becomes ONE sequence. Every token carries a branch id and a time::
+
+    main "A B C", branches "x y" and "p q r" (left-aligned, stride s)
+
+    time      0   1   2   3   4   5
+    main(0)   A   B   C
+    branch 1              x   y
+    branch 2              p   q   r
+
+    packed order (time, branch):  A B C x p y q r
+    pos1d                         0 1 2 3 4 5 6 7
+    pos2d = (bpos, time)          (0,0) (0,1) (0,2) (s,3) (2s,3) (s,4) (2s,4) (2s,5)
+
+Masks are functions of (time, branch) only, so they are built with tensor comparisons:
+    columnar:  i sees j  iff  time_j < time_i  or  i == j
+    isolated:  i sees j  iff  i == j  or  (time_j < time_i  and  j in i's branch or in main)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pmaccel.errors import PMAccelError
+from pmaccel.samples import TokenizedSample
+
+MASKS = ("columnar", "isolated")
+ALIGNS = ("left", "right")
+
+
+@dataclass
+class PackedSample:
+    """One sample in packed order. All tensors are 1-D of length N (number of prompt tokens)."""
+
+    input_ids: torch.Tensor  # [N] token ids in packed order
+    pos1d: torch.Tensor  # [N] 0..N-1
+    bpos: torch.Tensor  # [N] branch_id * branch_stride
+    time: torch.Tensor  # [N]
+    branch: torch.Tensor  # [N] branch id (main is 0 when present)
+    is_main: torch.Tensor  # [N] bool
+    branch_ids: list[int]  # branch id of each given branch, in input order
+    last_index: list[int]  # packed index of each given branch's last prompt token
+    last_time: list[int]  # time of each given branch's last prompt token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def pack_sample(
+    ts: TokenizedSample,
+    *,
+    branch_stride: int = 128,
+    align: str = "left",
+    interleave_branches: bool = True,
+    time_offset_rng: random.Random | None = None,
+) -> PackedSample:
+    """Lay one tokenized sample out as a packed sequence (SPEC §2).
+
+    Args:
+        ts: main's and each branch's token ids.
+        branch_stride: ``bpos = branch_id * branch_stride``.
+        align: ``"left"`` (every branch starts at time M) or ``"right"`` (branches end together).
+        interleave_branches: packed order by ``(time, branch)`` (the default, SPEC §2); ``False``
+            keeps each branch contiguous, ordered by ``(branch, time)``. Only pos1d depends on it.
+        time_offset_rng: when given, every non-main branch's times are shifted by an integer drawn
+            uniformly from ``[0, L_b]`` (``random_time_offset``, a training augmentation).
+
+    Returns:
+        The ``PackedSample``.
+
+    Example:
+        >>> p = pack_sample(TokenizedSample(main=[1, 2], branches=[[3], [4, 5]]))
+        >>> p.input_ids.tolist(), p.time.tolist()
+        ([1, 2, 3, 4, 5], [0, 1, 2, 2, 3])
+    """
+    if align not in ALIGNS:
+        raise PMAccelError(f"align must be one of {ALIGNS}, got {align!r}", field="align")
+    M = len(ts.main)
+    first = 1 if M > 0 else 0  # main is branch 0 when present
+    lmax = max(len(b) for b in ts.branches)
+    ids, times, branches = [list(ts.main)], [list(range(M))], [[0] * M]
+    branch_ids, last_time = [], []
+    for k, b in enumerate(ts.branches):
+        start = M if align == "left" else M + (lmax - len(b))
+        if time_offset_rng is not None:
+            start += time_offset_rng.randint(0, len(b))
+        ids.append(list(b))
+        times.append(list(range(start, start + len(b))))
+        branches.append([first + k] * len(b))
+        branch_ids.append(first + k)
+        last_time.append(start + len(b) - 1)
+
+    ids_t = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+    time_t = torch.tensor([t for x in times for t in x], dtype=torch.long)
+    branch_t = torch.tensor([t for x in branches for t in x], dtype=torch.long)
+    n_branch = first + len(ts.branches)
+    # sort by (time, branch) or (branch, time); keys are unique so the order is total
+    key = time_t * n_branch + branch_t if interleave_branches else branch_t * (int(time_t.max()) + 1) + time_t
+    order = torch.argsort(key)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    ends = torch.tensor([len(x) for x in ids]).cumsum(0) - 1  # flat index of each segment's last token
+    return PackedSample(
+        input_ids=ids_t[order],
+        pos1d=torch.arange(order.numel()),
+        bpos=branch_t[order] * branch_stride,
+        time=time_t[order],
+        branch=branch_t[order],
+        is_main=(branch_t[order] == 0) & (M > 0),
+        branch_ids=branch_ids,
+        last_index=[int(inverse[e]) for e in ends[1:]],
+        last_time=last_time,
+    )
+
+
+@dataclass
+class TokenMeta:
+    """Per-slot metadata of a batch of packed sequences, right-padded. All tensors are [B, T]."""
+
+    time: torch.Tensor
+    branch: torch.Tensor
+    is_main: torch.Tensor
+    valid: torch.Tensor  # False on padding
+
+    def cat(self, other: TokenMeta) -> TokenMeta:
+        return TokenMeta(*(torch.cat([a, b], dim=1) for a, b in zip(self.astuple(), other.astuple())))
+
+    def select(self, rows: torch.Tensor) -> TokenMeta:
+        return TokenMeta(*(a[rows] for a in self.astuple()))
+
+    def astuple(self) -> tuple[torch.Tensor, ...]:
+        return (self.time, self.branch, self.is_main, self.valid)
+
+
+@dataclass
+class PackedBatch:
+    """Several packed samples right-padded to a common length N."""
+
+    input_ids: torch.Tensor  # [B, N]
+    pos1d: torch.Tensor  # [B, N]
+    bpos: torch.Tensor  # [B, N]
+    meta: TokenMeta  # [B, N] each
+
+    def positions(self, rope_2d: bool) -> torch.Tensor:
+        """``position_ids`` for the model: [B, N, 3] = (pos1d, bpos, time) with 2D RoPE, else time [B, N]."""
+        return stack_positions(self.pos1d, self.bpos, self.meta.time, rope_2d)
+
+
+def stack_positions(pos1d: torch.Tensor, bpos: torch.Tensor, time: torch.Tensor, rope_2d: bool) -> torch.Tensor:
+    # -> [B, T, 3] for 2D RoPE (see pmaccel.rope), [B, T] (time) for plain RoPE
+    return torch.stack([pos1d, bpos, time], dim=-1) if rope_2d else time
+
+
+def collate(samples: list[PackedSample], pad_id: int = 0) -> PackedBatch:
+    """Right-pad packed samples into one batch; each keeps its own pos1d/pos2d as if it were alone."""
+    n = max(s.num_tokens for s in samples)
+
+    def pad(get, value):  # -> [B, n]
+        out = torch.full((len(samples), n), value, dtype=get(samples[0]).dtype)
+        for b, s in enumerate(samples):
+            out[b, : s.num_tokens] = get(s)
+        return out
+
+    valid = pad(lambda s: torch.ones(s.num_tokens, dtype=torch.bool), False)
+    return PackedBatch(
+        input_ids=pad(lambda s: s.input_ids, pad_id),
+        pos1d=pad(lambda s: s.pos1d, 0),
+        bpos=pad(lambda s: s.bpos, 0),
+        meta=TokenMeta(
+            time=pad(lambda s: s.time, 0),
+            branch=pad(lambda s: s.branch, -1),
+            is_main=pad(lambda s: s.is_main, False),
+            valid=valid,
+        ),
+    )
+
+
+def allowed(query: TokenMeta, keys: TokenMeta, query_slot: torch.Tensor, mask: str) -> torch.Tensor:
+    """Which keys each query may attend to (SPEC §3).
+
+    Args:
+        query: metadata of the queries, [B, Q].
+        keys: metadata of every key slot (cache + this forward), [B, K].
+        query_slot: the key-slot index of each query, [B, Q] (a token always sees itself).
+        mask: ``"columnar"`` or ``"isolated"``.
+
+    Returns:
+        Boolean [B, Q, K]. Padding sees only itself and is seen by nothing.
+    """
+    if mask not in MASKS:
+        raise PMAccelError(f"unknown mask {mask!r}; use one of {MASKS}", field="mask")
+    rule = keys.time[:, None, :] < query.time[:, :, None]  # [B, Q, K]
+    if mask == "isolated":
+        same = keys.branch[:, None, :] == query.branch[:, :, None]
+        rule &= same | keys.is_main[:, None, :]
+    rule &= query.valid[:, :, None] & keys.valid[:, None, :]
+    slots = torch.arange(keys.time.shape[1], device=keys.time.device)
+    return rule | (slots[None, None, :] == query_slot[:, :, None])
+
+
+def additive_mask(allowed_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean [B, Q, K] -> the additive float mask [B, 1, Q, K] transformers takes as a custom 4D mask."""
+    zero = torch.zeros((), dtype=dtype, device=allowed_.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed_.device)
+    return torch.where(allowed_, zero, neg)[:, None]

@@ -1,0 +1,129 @@
+"""Loading a model for parallel decoding: base weights, optional LoRA, optional 2D RoPE (SPEC §4, §6, §10).
+
+Foreign formats (GGUF, ParallelMind LoRA, PEFT) are adapted here, at the loading boundary; the
+decoder only ever sees a transformers causal LM, patched or not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmaccel.errors import PMAccelError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the first CUDA device if there is one, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise PMAccelError(f"unknown device {device!r} ({e})", field="device") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA, float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise PMAccelError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}", field="dtype")
+    return DTYPES[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else that does not exist is a missing local path
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(base_model).expanduser()
+    kwargs: dict[str, Any] = {}
+    if path.suffix == ".gguf":  # a GGUF file: transformers dequantizes it (needs the gguf package)
+        if not path.is_file():
+            raise PMAccelError(f"GGUF file {path} not found; pass an existing file", field="base_model")
+        kwargs["gguf_file"] = path.name
+        path = path.parent
+    elif not path.exists() and _looks_local(str(base_model)):
+        raise PMAccelError(
+            f"model directory {base_model} not found; pass a local directory or a model id", field="base_model"
+        )
+    name = str(path) if path.exists() else str(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PMAccelError(f"cannot load model {base_model!r}: {first}", field="base_model") from None
+    return model, tokenizer
+
+
+def load_model(
+    base_model: str | os.PathLike | None = None,
+    *,
+    lora_path: str | os.PathLike | None = None,
+    lora_rank: int | None = None,
+    rope_2d_ratio: float = 0.5,
+    patch_rope: bool | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    merge_lora: bool = True,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for ``pmaccel.generate``.
+
+    Args:
+        base_model: a local directory, a GGUF file, or a model id; ``None`` = the embedded
+            SmolLM2-135M-Instruct (converted from its GGUF once, then cached).
+        lora_path: a ParallelMind LoRA file (``.pth``/``.safetensors``) or a PEFT adapter directory.
+        lora_rank: if given, must agree with the rank read from the file.
+        rope_2d_ratio: the fraction of rotary frequency pairs given to (branch, time) in 2D RoPE.
+        patch_rope: apply 2D RoPE; ``None`` = on when a LoRA is given.
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), a name such as ``"bf16"``, or a torch dtype.
+        device: ``"auto"``, ``"cpu"``, ``"cuda:1"``, ... or a torch device.
+        merge_lora: merge the adapter into the base weights (same logits, faster).
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (both take the packed 4D mask).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on ``device``.
+
+    Example:
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+        >>> model, tokenizer = load_model("Qwen/Qwen2.5-0.5B", lora_path="pm_lora.pth")  # doctest: +SKIP
+    """
+    from pmaccel.lora import apply_lora
+    from pmaccel.rope import patch_rope as apply_rope_2d
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if base_model is None:
+        from pmaccel.embedded import embedded_model_dir
+
+        base_model = embedded_model_dir()
+    model, tokenizer = _from_pretrained(base_model, torch_dtype, attn_implementation)
+    if lora_path is not None:
+        model = apply_lora(model, lora_path, lora_rank=lora_rank, merge=merge_lora)
+    elif lora_rank is not None:
+        raise PMAccelError("lora_rank was given without lora_path", field="lora_rank")
+    if patch_rope is None:
+        patch_rope = lora_path is not None
+    if patch_rope:
+        apply_rope_2d(model, rope_2d_ratio)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev).eval().requires_grad_(False)
+    return model, tokenizer

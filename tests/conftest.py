@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random models of several architectures, an ids-only tokenizer, the real
+embedded SmolLM2 model (loaded once per run), and the ``gpu`` marker's skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 256
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+    """A 2-layer random model of a real architecture; EOS off unless overridden."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    extra = {
+        "llama": {},
+        "qwen2": {},
+        "qwen3": {"head_dim": 16},
+        "mistral": {"sliding_window": None},
+        "gemma2": {"head_dim": 16, "sliding_window": 4096, "query_pre_attn_scalar": 16},
+        "phi3": {},
+        "phi3-partial": {"partial_rotary_factor": 0.5},
+    }[arch]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+        "gemma2": transformers.Gemma2Config,
+        "phi3": transformers.Phi3Config,
+        "phi3-partial": transformers.Phi3Config,
+    }[arch]
+    return cls(**{**common, **extra, **overrides})
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    attn = "eager" if arch == "gemma2" else "sdpa"  # gemma2's soft-capping needs eager attention
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn)
+    return model.float().eval()
+
+
+class IdsTokenizer:
+    """A tokenizer for pre-tokenized samples: text is never seen, decode spells the ids."""
+
+    pad_token_id = 0
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        raise AssertionError("the tests give input_ids")
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture
+def ids_tokenizer():
+    return IdsTokenizer()
+
+
+def ids_sample(main: list[int] | None, *branches: list[int]) -> dict:
+    s = {"branches": [{"input_ids": list(b)} for b in branches]}
+    if main:
+        s["main"] = {"input_ids": list(main)}
+    return s
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded SmolLM2-135M-Instruct (fp32, CPU), loaded once for the whole run."""
+    import pmaccel
+
+    return pmaccel.load_model(dtype="float32", device="cpu")
