@@ -118,6 +118,41 @@ def pack_sample(
     )
 
 
+def append_outputs(p: PackedSample, output_ids: list[list[int]]) -> PackedSample:
+    """The final packed sequence: the prompt followed by the generated tokens in the order decoding
+    appended them (step by step, in branch order, each at its branch's next time; SPEC §5).
+
+    The returned sample's ``last_index``/``last_time`` point at each branch's last token.
+    """
+    assert len(output_ids) == len(p.branch_ids)
+    ids, times, branches, bposes = [], [], [], []
+    last_index, last_time = list(p.last_index), list(p.last_time)
+    stride = {b: int(p.bpos[i]) for b, i in zip(p.branch_ids, p.last_index)}
+    n = p.num_tokens
+    for step in range(max((len(o) for o in output_ids), default=0)):
+        for k, out in enumerate(output_ids):
+            if step < len(out):
+                last_time[k] += 1
+                last_index[k] = n + len(ids)
+                ids.append(out[step])
+                times.append(last_time[k])
+                branches.append(p.branch_ids[k])
+                bposes.append(stride[p.branch_ids[k]])
+    m = len(ids)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return PackedSample(
+        input_ids=torch.cat([p.input_ids, as_t(ids)]),
+        pos1d=torch.arange(n + m),
+        bpos=torch.cat([p.bpos, as_t(bposes)]),
+        time=torch.cat([p.time, as_t(times)]),
+        branch=torch.cat([p.branch, as_t(branches)]),
+        is_main=torch.cat([p.is_main, torch.zeros(m, dtype=torch.bool)]),
+        branch_ids=list(p.branch_ids),
+        last_index=last_index,
+        last_time=last_time,
+    )
+
+
 @dataclass
 class TokenMeta:
     """Per-slot metadata of a batch of packed sequences, right-padded. All tensors are [B, T]."""

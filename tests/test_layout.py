@@ -144,3 +144,16 @@ def test_tokenize_keeps_main_and_branches_separate():
 def test_bad_samples_raise_clear_errors(sample, match):
     with pytest.raises(PMAccelError, match=match):
         tokenize_sample(sample, _WordTok())
+
+
+def test_append_outputs_in_decoding_order_by_hand():
+    from pmaccel.layout import append_outputs
+
+    p = pack_sample(TokenizedSample([1], [[2], [3, 4]]), branch_stride=10)
+    f = append_outputs(p, [[5, 6], [7]])
+    assert f.input_ids.tolist() == [1, 2, 3, 4, 5, 7, 6]
+    assert f.time.tolist() == [0, 1, 1, 2, 2, 3, 3]
+    assert f.branch.tolist() == [0, 1, 2, 2, 1, 2, 1]
+    assert f.bpos.tolist() == [0, 10, 20, 20, 10, 20, 10]
+    assert f.pos1d.tolist() == list(range(7))
+    assert f.last_index == [6, 5] and f.last_time == [3, 3]
