@@ -24,13 +24,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import LogitsProcessorList
 
 from pmaccel.errors import PMAccelError
 from pmaccel.layout import (
@@ -46,6 +40,7 @@ from pmaccel.layout import (
 )
 from pmaccel.rope import is_rope_2d
 from pmaccel.samples import tokenize_sample
+from pmaccel.sampling import draw, make_processors, uniforms
 
 
 @dataclass(frozen=True)
@@ -86,21 +81,6 @@ def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None = None) ->
         eos = getattr(tokenizer, "eos_token_id", None)
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return frozenset(int(i) for i in [*ids, *(extra or [])])
-
-
-def make_processors(
-    temperature: float, top_p: float, top_k: int, repetition_penalty: float, greedy: bool
-) -> LogitsProcessorList:
-    procs = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if not greedy:
-        procs.append(TemperatureLogitsWarper(temperature))
-        if top_k and top_k > 0:
-            procs.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p))
-    return procs
 
 
 # ----------------------------------------------------------------------------- the step functions
@@ -150,7 +130,7 @@ def prefill(model, packs: list[PackedSample], opts: DecodeOptions, cache, pad_id
     return logits[torch.tensor(rows), torch.tensor([where[c] for c in cols])].float(), meta
 
 
-def next_tokens(logits: torch.Tensor, branches: list[_Branch], opts: DecodeOptions, generators) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, branches: list[_Branch], opts: DecodeOptions) -> torch.Tensor:
     """logits: [E, V] of the active branches -> token ids [E]."""
     scores = logits
     if opts.processors:
@@ -160,15 +140,11 @@ def next_tokens(logits: torch.Tensor, branches: list[_Branch], opts: DecodeOptio
         scores = opts.processors(hist.to(logits.device), scores)
     if opts.greedy:
         return scores.argmax(dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    tokens = torch.empty(len(branches), dtype=torch.long, device=logits.device)
-    by_sample: dict[int, list[int]] = {}
-    for e, b in enumerate(branches):
-        by_sample.setdefault(b.sample, []).append(e)
-    for s, idx in by_sample.items():  # each sample draws from its own generator, in branch order
-        sel = torch.tensor(idx, device=logits.device)
-        tokens[sel] = torch.multinomial(probs[sel], 1, generator=generators[s]).squeeze(1)
-    return tokens
+    index, branch, step = (
+        torch.tensor(x, device=logits.device)
+        for x in zip(*[(b.index, b.branch_id, len(b.out)) for b in branches])
+    )
+    return draw(scores, uniforms(opts.seed, index, branch, step))
 
 
 def finish(branches: list[_Branch], tokens: list[int], opts: DecodeOptions) -> list[_Branch]:
@@ -232,9 +208,6 @@ def decode_batch(
     """
     device = next(model.parameters()).device
     cache = DynamicCache()  # one layer type for all: the mask, not the cache, decides what is seen
-    generators = [
-        torch.Generator(device=device).manual_seed(sample_seed(opts.seed, i)) for i in indices
-    ]
     samples = [
         [
             _Branch(row=s, sample=s, index=indices[s], branch_id=bid, bpos=int(p.bpos[last]), last_time=lt, history=list(prompts[s][k]))
@@ -249,7 +222,7 @@ def decode_batch(
         logits, keys = prefill(model, packs, opts, cache, pad_id)
         step = 0
         while active:
-            tokens = next_tokens(logits, active, opts, generators).tolist()
+            tokens = next_tokens(logits, active, opts).tolist()
             going = finish(active, tokens, opts)
             step += 1
             if on_step is not None:

@@ -74,8 +74,8 @@ def _record_step_logits(monkeypatch):
     seen = []
     real = pmaccel.decode.next_tokens
 
-    def spy(logits, branches, opts, generators):
-        tokens = real(logits, branches, opts, generators)
+    def spy(logits, branches, opts):
+        tokens = real(logits, branches, opts)
         for e, b in enumerate(branches):
             seen.append((b.index, b.branch_id, len(b.out), logits[e].clone()))
         return tokens
