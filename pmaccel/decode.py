@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
 from pmaccel.errors import PMAccelError
+from pmaccel.fast import decode_batch_fast
 from pmaccel.layout import (
     ALIGNS,
     MASKS,
@@ -52,7 +53,8 @@ class DecodeOptions:
     rope_2d: bool
     stop_ids: frozenset[int]
     greedy: bool
-    processors: LogitsProcessorList  # applied before argmax / sampling
+    sampling: tuple[float, float, int, float]  # temperature, top_p, top_k, repetition_penalty
+    processors: LogitsProcessorList = field(hash=False, compare=False)  # built from `sampling`
     seed: int = 0
 
 
@@ -86,6 +88,10 @@ def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None = None) ->
 # ----------------------------------------------------------------------------- the step functions
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+
+
 @functools.cache
 def _cache_kwarg(model_type: type) -> str:
     # transformers renamed `past_key_values` to `cache`; use whichever this version's forward takes
@@ -100,8 +106,7 @@ def forward(model, input_ids, positions, query: TokenMeta, keys: TokenMeta, quer
     dtype = next(model.parameters()).dtype
     mask = additive_mask(allowed(query, keys, query_slot, opts.mask), dtype)  # [B, 1, Q, K]
     kwargs = {} if keep is None else {"logits_to_keep": keep}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    kwargs[_cache_kwarg(type(base))] = cache
+    kwargs[_cache_kwarg(type(_base(model)))] = cache
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
     return out.logits
 
@@ -201,8 +206,10 @@ def decode_batch(
     opts: DecodeOptions,
     pad_id: int,
     on_step: Callable[[int, list[dict]], None] | None = None,
-) -> list[list[_Branch]]:
-    """Decode a few packed samples together; returns each sample's branches (ids and finish reasons).
+) -> tuple[list[list[list[int]]], list[list[str]]]:
+    """Decode a few packed samples together (the reference path).
+
+    Returns each sample's generated ids and finish reasons, per branch.
 
     ``prompts[s][k]`` is main + branch k's prompt ids of sample s (the repetition-penalty history).
     """
@@ -248,7 +255,7 @@ def decode_batch(
             rows = torch.tensor([r for _, r, _ in where], device=device)
             cols = torch.tensor([k for _, _, k in where], device=device)
             logits = out[rows, cols].float()  # [E, V]
-    return samples
+    return [[b.out for b in bs] for bs in samples], [[b.finish for b in bs] for bs in samples]
 
 
 def _partial(index: int, branches: list[_Branch]) -> dict:
@@ -302,6 +309,7 @@ def generate(
     indices: Sequence[int] | None = None,
     on_step: Callable[[int, list[dict]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fast: bool | None = None,
 ) -> list[dict]:
     """Decode parallel samples: every branch of every sample continues in one packed sequence.
 
@@ -328,6 +336,8 @@ def generate(
         indices: the global index of each sample (seeds its RNG); default ``range(len(samples))``.
         on_step: called after every decode step with ``(step, partial results of the micro-batch)``.
         progress: called after every micro-batch with ``(samples_done, new_tokens)``.
+        fast: use the fast path (static KV slots, CUDA graphs on GPU); default: on CUDA when neither
+            ``on_step`` nor a repetition penalty asks for the reference path. Same results either way.
 
     Returns:
         One dict per sample, in input order: ``outputs`` (text per branch), ``output_ids``,
@@ -365,6 +375,7 @@ def generate(
         rope_2d=rope_2d,
         stop_ids=_stop_ids(model, tokenizer, stop_token_ids),
         greedy=greedy,
+        sampling=(temperature, top_p, top_k, repetition_penalty),
         processors=make_processors(temperature, top_p, top_k, repetition_penalty, greedy),
         seed=seed,
     )
@@ -383,29 +394,31 @@ def generate(
         packs.append(pack_sample(ts, branch_stride=branch_stride, align=align,
                                  interleave_branches=interleave_branches, time_offset_rng=rng))
 
+    if fast is None:
+        fast = next(model.parameters()).device.type == "cuda" and on_step is None and repetition_penalty == 1.0
+    elif fast and (on_step is not None or repetition_penalty != 1.0):
+        raise PMAccelError("the fast path takes neither on_step nor repetition_penalty; use fast=False", field="fast")
+    base = _base(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(packs)), key=lambda i: packs[i].num_tokens)  # less padding per batch
     sizes = [len(ts.branches) for ts in tokenized]
     results: list[dict | None] = [None] * len(packs)
     done = 0
     for mb in _micro_batches(order, sizes, batch_size, batch_by_samples):
-        decoded = decode_batch(
-            model,
-            [packs[i] for i in mb],
-            [[tokenized[i].main + b for b in tokenized[i].branches] for i in mb],
-            [indices[i] for i in mb],
-            opts,
-            pad_id,
-            on_step,
-        )
+        mb_packs, mb_indices = [packs[i] for i in mb], [indices[i] for i in mb]
+        if fast:
+            ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id,
+                                                        _cache_kwarg(type(base)), len(mb))
+        else:
+            prompts = [[tokenized[i].main + b for b in tokenized[i].branches] for i in mb]
+            ids_per_sample, reasons = decode_batch(model, mb_packs, prompts, mb_indices, opts, pad_id, on_step)
         new_tokens = 0
-        for i, branches in zip(mb, decoded):
-            ids = [b.out for b in branches]
+        for i, ids, why in zip(mb, ids_per_sample, reasons):
             new_tokens += sum(map(len, ids))
             results[i] = {
                 "outputs": [tokenizer.decode(x, skip_special_tokens=True) for x in ids],
                 "output_ids": ids,
-                "finish_reasons": [b.finish for b in branches],
+                "finish_reasons": why,
                 "num_generated_tokens": [len(x) for x in ids],
                 "num_prompt_tokens": packs[i].num_tokens,
             }

@@ -22,7 +22,7 @@ SAMPLES = [
 
 def hf_generate(model, ids, n, eos=None):
     """transformers' own greedy generate on one unpadded row."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                          eos_token_id=eos, pad_token_id=0)
     return out[0, x.shape[1]:].tolist()
