@@ -47,7 +47,8 @@ class Rope2D(nn.Module):
             raise PMAccelError(f"rope_2d_ratio must be in (0, 1], got {ratio}", field="rope_2d_ratio")
         self.rotary = rotary
         self.ratio = ratio
-        self.register_buffer("sources", pair_sources(rotary.inv_freq.numel(), ratio), persistent=False)
+        sources = pair_sources(rotary.inv_freq.numel(), ratio).to(rotary.inv_freq.device)
+        self.register_buffer("sources", sources, persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids.dim() == 2:  # plain positions: the model's own RoPE

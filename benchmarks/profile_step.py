@@ -1,0 +1,54 @@
+"""Where a decode step's time goes: graph replay time, and the kernels of an eager step.
+
+    python benchmarks/profile_step.py --model 0.5b --workload W2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench import WORKLOADS, IdsTokenizer, build_model, make_samples
+
+import pmaccel
+from pmaccel.fast import decode_batch_fast
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="0.5b")
+    ap.add_argument("--workload", default="W2")
+    ap.add_argument("--mask", default="columnar")
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    model = build_model(args.model, "cuda")
+    w = WORKLOADS[args.workload]
+    samples = make_samples(w, model.config.vocab_size)
+    pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, batch_size=len(samples),
+                     fast=True)
+    (runner,) = [r for r in model._pmaccel_runners.values() if r.graph is not None][-1:]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        runner.graph.replay()
+    start.record()
+    for _ in range(50):
+        runner.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"graph replay: {start.elapsed_time(end) / 50:.3f} ms/step  (B={runner.B} K={runner.K} S={runner.S})")
+    with torch.inference_mode():
+        start.record()
+        for _ in range(10):
+            runner.step()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"eager step:   {start.elapsed_time(end) / 10:.3f} ms/step")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                runner.step()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
