@@ -11,7 +11,6 @@ import torch
 from bench import WORKLOADS, IdsTokenizer, build_model, make_samples
 
 import pmaccel
-from pmaccel.fast import decode_batch_fast
 
 
 def main() -> None:
