@@ -15,10 +15,14 @@ Shapes are bucketed (B to a power of two, S to a multiple of 256) so a run captu
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pmaccel.layout import PackedSample, TokenMeta, additive_mask, allowed, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
@@ -26,6 +30,51 @@ from pmaccel.sampling import draw, uniforms
 SYNC_EVERY = 16  # steps between host checks for "all branches finished"
 S_BUCKET = 256
 MAX_GRAPHS = 2  # shapes kept per model (each holds a KV cache)
+FOLD_MAX = 1024  # fold GQA groups into the query length up to this many query rows (decode steps)
+FOLD_KERNEL = "matmul"  # "matmul" (two GEMMs and a softmax) or "sdpa" (torch's fused kernels), by measurement
+GROUPED_SDPA = "pmaccel_grouped_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA with a packed mask, without repeating the KV cache for every query head.
+
+    transformers' sdpa path copies K/V once per query head when a mask is given (GQA with a mask
+    falls back to the math kernel), i.e. the whole static cache every step. Here the G query heads
+    that share a KV head are folded into the query length instead:
+    query [B, H, Q, D] -> [B, H_kv, G*Q, D]; mask [B, 1, Q, S] -> [B, 1, G*Q, S].
+    """
+    b, h, q_len, d = query.shape
+    h_kv, s = key.shape[1], key.shape[2]
+    g = h // h_kv
+    if g == 1 or attention_mask is None or g * q_len > FOLD_MAX or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q = query.reshape(b, h_kv, g * q_len, d)
+    mask = attention_mask[:, :, None].expand(b, 1, g, q_len, s).reshape(b, 1, g * q_len, s)
+    if FOLD_KERNEL == "sdpa":
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, H_kv, G*Q, Dv]
+    else:
+        scale = d**-0.5 if scaling is None else scaling
+        scores = torch.matmul(q, key.transpose(-1, -2)) * scale + mask  # [B, H_kv, G*Q, S]
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value)
+    return out.reshape(b, h, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+
+
+@contextlib.contextmanager
+def grouped_attention(model):
+    """Run ``model`` with ``grouped_sdpa`` where it uses sdpa (the same attention, computed leaner)."""
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 class SlotCache:
@@ -225,7 +274,7 @@ def decode_batch_fast(
     S = -(-(n + K * opts.max_new_tokens) // S_BUCKET) * S_BUCKET
     runners: OrderedDict = model.__dict__.setdefault("_pmaccel_runners", OrderedDict())
     key = (B, K, S, opts, use_graph)  # opts hashes by its settings (not the processor objects)
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_attention(model):
         runner = runners.pop(key, None)
         if runner is None:
             while len(runners) >= MAX_GRAPHS:
