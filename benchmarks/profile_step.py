@@ -22,9 +22,11 @@ def main() -> None:
     ap.add_argument("--workload", default="W2")
     ap.add_argument("--mask", default="columnar")
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--fold", default=fast.FOLD_KERNEL, choices=["matmul", "sdpa"])
+    ap.add_argument("--fold", default=fast.FOLD_KERNEL, choices=["auto", "matmul", "sdpa"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
-    fast.FOLD_KERNEL = args.fold
+    fast.FOLD_KERNEL, fast.COMPILE = args.fold, args.compile
     model = build_model(args.model, "cuda")
     w = WORKLOADS[args.workload]
     samples = make_samples(w, model.config.vocab_size)
@@ -43,6 +45,8 @@ def main() -> None:
     end.record()
     torch.cuda.synchronize()
     print(f"graph replay: {start.elapsed_time(end) / 50:.3f} ms/step  (B={runner.B} K={runner.K} S={runner.S})")
+    if args.no_profile:
+        return
     with torch.inference_mode(), fast.grouped_attention(model):
         runner.prefill(packs, list(range(len(packs))), 0)
         start.record()

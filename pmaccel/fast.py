@@ -31,7 +31,11 @@ SYNC_EVERY = 16  # steps between host checks for "all branches finished"
 S_BUCKET = 256
 MAX_GRAPHS = 2  # shapes kept per model (each holds a KV cache)
 FOLD_MAX = 1024  # fold GQA groups into the query length up to this many query rows (decode steps)
-FOLD_KERNEL = "matmul"  # "matmul" (two GEMMs and a softmax) or "sdpa" (torch's fused kernels), by measurement
+# Folded attention kernel: two GEMMs and a softmax ("matmul") beat torch's fused kernels ("sdpa") on
+# small decode steps and lose on large ones (H200, Qwen2.5-0.5B shape: docs/PERFORMANCE.md).
+FOLD_KERNEL = "auto"
+MATMUL_ROWS = 2048  # "auto": matmul up to this many folded query rows (B * H_kv * G * Q)
+COMPILE = False  # torch.compile the step before capturing it (fuses the model's elementwise work)
 GROUPED_SDPA = "pmaccel_grouped_sdpa"
 
 
@@ -51,7 +55,8 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
                                       **kwargs)
     q = query.reshape(b, h_kv, g * q_len, d)
     mask = attention_mask[:, :, None].expand(b, 1, g, q_len, s).reshape(b, 1, g * q_len, s)
-    if FOLD_KERNEL == "sdpa":
+    kernel = FOLD_KERNEL if FOLD_KERNEL != "auto" else "matmul" if b * h * q_len <= MATMUL_ROWS else "sdpa"
+    if kernel == "sdpa":
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, H_kv, G*Q, Dv]
     else:
         scale = d**-0.5 if scaling is None else scaling
@@ -134,6 +139,7 @@ class StepRunner:
         self.slots = z(K)  # key slots of this step's K columns
         self.stop_ids = torch.tensor(sorted(opts.stop_ids), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._step = torch.compile(self.step, dynamic=False) if COMPILE else self.step
 
     # ------------------------------------------------------------------ model call
     def _forward(self, ids, positions, query: TokenMeta, query_slot, keep=None):
@@ -239,18 +245,18 @@ class StepRunner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step()
+                self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.step()
+            self._step()
 
     def run(self) -> None:
         for n in range(self.opts.max_new_tokens):
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.step()
+                self._step()
             if (n + 1) % SYNC_EVERY == 0 and not bool(self.active.any()):
                 break
 
