@@ -63,3 +63,16 @@ def test_cuda_graph_path_equals_references_fp32(arch, ids_tokenizer):
     for s, r in zip(MORE, results, strict=True):
         for b, got in zip(s["branches"], r["output_ids"], strict=True):
             assert got == hf_generate(plain, main_ids(s) + b["input_ids"], 12)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_path_equals_reference_fp32(ids_tokenizer, monkeypatch):
+    from pmaccel import fast
+
+    monkeypatch.setattr(fast, "COMPILE", True)
+    model = tiny_model("qwen2").cuda()
+    patch_rope(model, 0.5)
+    kw = dict(max_new_tokens=16, branch_stride=16, mask="columnar")
+    ref = generate(model, ids_tokenizer, MORE, fast=False, **kw)
+    got = generate(model, ids_tokenizer, MORE, fast=True, batch_size=8, **kw)
+    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in ref]
