@@ -97,6 +97,7 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots: torch.Tensor | None = None  # [Q] long
+        self.visible: int | None = None  # attend over the first `visible` slots only (the prefill)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [B, H_kv, Q, D]
@@ -106,6 +107,8 @@ class SlotCache:
             self.values.append(value_states.new_zeros(b, h, self.max_slots, value_states.shape[-1]))
         self.keys[layer_idx].index_copy_(2, self.slots, key_states)
         self.values[layer_idx].index_copy_(2, self.slots, value_states)
+        if self.visible is not None:
+            return self.keys[layer_idx][:, :, : self.visible], self.values[layer_idx][:, :, : self.visible]
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -145,8 +148,9 @@ class StepRunner:
         self._step = torch.compile(self.step, dynamic=False) if compile else self.step
 
     # ------------------------------------------------------------------ model call
-    def _forward(self, ids, positions, query: TokenMeta, query_slot, keep=None):
-        mask = additive_mask(allowed(query, self.keys, query_slot, self.opts.mask), self.dtype)  # [B,1,Q,S]
+    def _forward(self, ids, positions, query: TokenMeta, query_slot, keep=None, keys: TokenMeta | None = None):
+        keys = self.keys if keys is None else keys
+        mask = additive_mask(allowed(query, keys, query_slot, self.opts.mask), self.dtype)  # [B, 1, Q, S]
         kwargs = {self.cache_kwarg: self.cache}
         if keep is not None:
             kwargs["logits_to_keep"] = keep
@@ -176,9 +180,10 @@ class StepRunner:
                                     self.opts.rope_2d)
         keep = sorted({i for p in packs for i in p.last_index})
         where = {c: j for j, c in enumerate(keep)}
-        self.cache.slots = torch.arange(n, device=dev)
+        self.cache.slots, self.cache.visible = torch.arange(n, device=dev), n  # the prompt sees only itself
         logits = self._forward(rows_padded(batch.input_ids, pad_id), positions, meta,
-                               self.cache.slots.expand(B, n), keep=torch.tensor(keep, device=dev))
+                               self.cache.slots.expand(B, n), keep=torch.tensor(keep, device=dev), keys=meta)
+        self.cache.visible = None
 
         # per-branch state
         r_idx, k_idx, col = [], [], []
