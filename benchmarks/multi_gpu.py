@@ -30,7 +30,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--mask", default="columnar")
+    ap.add_argument("--no_compile", action="store_true")
     args = ap.parse_args()
+    if args.no_compile:
+        from pmaccel import fast
+
+        fast.COMPILE = False
     acc = Accelerator()
     w = WORKLOADS["W1"]
     model = build_model(args.model, acc.device)
