@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default="generate,static,batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep", default="", help="comma-separated sample counts for a W1-shaped batch-size sweep")
+    ap.add_argument("--sweep_engines", default="pmaccel-columnar,generate,static")
     ap.add_argument("--json", default=None, help="write all figures here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
             record(wname, who, samples, w, args.repeats)
     for n in [int(x) for x in args.sweep.split(",") if x]:
         w = WORKLOADS["W1"]
-        for who in ("pmaccel-columnar", "generate"):
+        for who in args.sweep_engines.split(","):
             record(f"sweep{n}", who, make_samples(w, vocab, samples=n, seed=n), w, 1)
     print_table(results)
     if args.json:
