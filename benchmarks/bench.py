@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             results.append(dict(workload=workload, who=who, tokens=tokens, samples=len(samples), **m))
             print(json.dumps(results[-1]), flush=True)
 
-    for wname in args.workloads.split(","):
+    for wname in [x for x in args.workloads.split(",") if x]:
         w = WORKLOADS[wname]
         samples = make_samples(w, vocab)
         for who in [f"pmaccel-{m}" for m in args.masks.split(",")] + args.baselines.split(","):
