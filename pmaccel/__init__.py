@@ -2,7 +2,7 @@
 
 Several branches (prompts), optionally sharing one context called ``main``, are packed into one
 sequence and decoded together: every step emits one token for every unfinished branch in a single
-forward. See ``load_model``, ``generate`` and ``infer``.
+forward. See ``load_model``, ``generate``, ``infer`` and ``score``.
 
 The heavy imports (torch, transformers, accelerate, datasets) happen on first use, so
 ``import pmaccel`` stays light.
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "pmaccel.model",
     "generate": "pmaccel.decode",
-    "infer": "pmaccel.infer",
+    "infer": "pmaccel.run",
+    "score": "pmaccel.scoring",  # the module is not named "score": importing it would shadow the function
     "Settings": "pmaccel.settings",
     "PMAccelError": "pmaccel.errors",
     "inspect": "pmaccel.widget",

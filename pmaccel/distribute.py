@@ -1,0 +1,123 @@
+"""Spreading samples over processes with Accelerate (SPEC §7), and the per-rank batch loop.
+
+    agree_on_done    one gather before the loop: which samples are finished, and which rank holds each
+    shard            ``split_between_processes`` (padding on) over the unfinished sample indices
+    run_batches      this rank's samples, batch by batch; an OOM halves the batch and retries it
+    gather_results   every rank's results on every rank (``gather_object``), de-duplicated, sorted
+
+No collective runs inside the batch loop: a rank that finishes early simply waits in the gather.
+Padding repeats the last index on the last ranks, so a sample may be computed twice; results are
+keyed by sample index and deduplicated (both copies are equal: each sample's RNG is seeded from
+its index).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+logger = logging.getLogger("pmaccel")
+
+
+def agree_on_done(accelerator: Any, done: Iterable[int]) -> dict[int, int]:
+    """Combine what each rank found in the part files it can see.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (every rank must call this).
+        done: indices of the finished samples this rank found.
+
+    Returns:
+        ``{sample index: the lowest rank that holds its result}`` for every finished sample, the
+        same on every rank (so the ranks agree on what is left even without a shared filesystem).
+    """
+    from accelerate.utils import gather_object
+
+    owners: dict[int, int] = {}
+    for rank, indices in sorted(gather_object([(accelerator.process_index, sorted(done))])):
+        for i in indices:
+            owners.setdefault(i, rank)
+    return owners
+
+
+def shard(accelerator: Any, indices: Sequence[int]) -> list[int]:
+    """This rank's share of ``indices``: ``split_between_processes`` with padding, repeats dropped.
+
+    Example:
+        >>> shard(accelerator, range(7))  # 3 processes: [0, 1, 2] / [3, 4] / [5, 6]  # doctest: +SKIP
+    """
+    if not indices:
+        return []
+    with accelerator.split_between_processes(list(indices), apply_padding=True) as mine:
+        return list(dict.fromkeys(mine))
+
+
+def batch_end(sizes: Sequence[int], start: int, batch_size: int, by_samples: bool) -> int:
+    """End (exclusive) of the batch that starts at ``start``: ``batch_size`` samples, or, when not
+    ``by_samples``, as many samples as fit in ``batch_size`` branches (at least one).
+
+    ``sizes`` are the samples' branch counts. The rule is the one ``pmaccel.generate`` uses for its
+    micro-batches, so a batch formed here is one forward batch there.
+    """
+    if by_samples:
+        return min(start + batch_size, len(sizes))
+    end, load = start, 0
+    while end < len(sizes) and (end == start or load + sizes[end] <= batch_size):
+        load += sizes[end]
+        end += 1
+    return end
+
+
+def run_batches(
+    sizes: Sequence[int],
+    generate_batch: Callable[[int, int, int], list[dict]],
+    on_batch: Callable[[int, int, list[dict]], None],
+    *,
+    batch_size: int,
+    by_samples: bool = True,
+) -> int:
+    """Run a rank's samples batch by batch, halving the batch size on out-of-memory.
+
+    Args:
+        sizes: branch count of each of the rank's samples, in the order they run.
+        generate_batch: ``(start, end, batch_size) -> results`` for samples ``start:end``.
+        on_batch: ``(start, end, results)``, called once per finished batch (write it out there).
+        batch_size: the starting batch size (samples, or branches when not ``by_samples``).
+        by_samples: how ``batch_size`` counts.
+
+    Returns:
+        The batch size the run ended with.
+
+    Raises:
+        RuntimeError: out of memory even with a batch of one sample, or any other error.
+    """
+    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+    start = 0
+    while start < len(sizes):
+        end = batch_end(sizes, start, batch_size, by_samples)
+        try:
+            results = generate_batch(start, end, batch_size)
+        except RuntimeError as e:
+            if not should_reduce_batch_size(e) or end - start == 1:
+                raise
+            batch_size = max(1, min(batch_size, end - start if by_samples else sum(sizes[start:end])) // 2)
+            logger.warning("out of memory; retrying the batch with batch_size=%d", batch_size)
+            clear_device_cache(garbage_collection=True)
+            continue
+        on_batch(start, end, results)
+        start = end
+    return batch_size
+
+
+def gather_results(accelerator: Any, local: Iterable[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """All ranks' ``(sample index, result)`` pairs, on every rank, one per index, sorted by index.
+
+    Every rank must call this (the original script hung because only rank 0 did).
+    """
+    from accelerate.utils import gather_object
+
+    merged: dict[int, Any] = {}
+    for index, result in gather_object(list(local)):
+        merged.setdefault(index, result)
+    return sorted(merged.items())

@@ -1,0 +1,231 @@
+"""Output (SPEC §7): one JSONL line per input row, in input order, written once and renamed into place;
+plus the per-rank part files that make a run resumable.
+
+    check_writable      fail before the model loads if the output cannot be written
+    sample_keys         what a finished sample is remembered by: (index, settings, sample) digest
+    PartWriter          each rank appends its finished samples, flushed and fsynced per batch
+    read_part_files     every part file of any world size: finished results by (index, key)
+    row_records         a sample's result -> the output records of its rows
+    write_jsonl         ``<path>.tmp`` then ``os.replace``: no partial or overwritten output on error
+    write_json          the same for ``<out>.summary.json`` (dataset totals of score / compare / leakage)
+
+A part file line is ``{"index": i, "key": k, "result": {...}}``. The key digests the settings that
+change a result and the sample itself, so a resumed run reuses a line only where it would compute
+the same thing; a line cut by a crash is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pmaccel.errors import PMAccelError
+
+PARALLEL_KEYS = ("outputs", "finish_reasons", "num_generated_tokens")  # added to a parallel row
+FLAT_KEYS = ("output", "finish_reason", "num_generated_tokens")  # added to a flat row
+RESULT_KEYS = ("outputs", "finish_reasons", "num_generated_tokens")  # kept from a generate() result
+
+
+def dumps(record: Any) -> str:
+    """The one JSON form of a line: UTF-8 text as is, keys in their given order."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def check_writable(out_path: str | os.PathLike) -> Path:
+    """Create the output's directory if needed and check that files can be written in it.
+
+    Raises:
+        PMAccelError: the path is a directory, or its directory cannot be created or written.
+    """
+    path = Path(out_path)
+    if path.is_dir():
+        raise PMAccelError(f"{path} is a directory; give the path of a .jsonl file", field="out_path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise PMAccelError(f"cannot write in the output directory {parent}: {e.strerror or e}; "
+                           "choose a writable --out_path", field="out_path") from None
+    return path
+
+
+def errors_path(out_path: Path) -> Path:
+    """Where skipped rows go with ``on_error="skip"``."""
+    return out_path.with_name(out_path.name + ".errors.jsonl")
+
+
+def summary_path(out_path: Path) -> Path:
+    """Where a run with dataset totals (``pmaccel score``, ``--compare``, ``--leakage``) writes its summary."""
+    return out_path.with_name(out_path.name + ".summary.json")
+
+
+# ----------------------------------------------------------------------------- resume bookkeeping
+
+
+def settings_digest(settings: Any, ignore: Sequence[str] = ()) -> str:
+    """Digest of the settings whose change changes a sample's result (field metadata ``result``), less
+    the ``ignore``d ones (settings a job does not use)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+              if f.metadata.get("result", True) and f.name not in ignore}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def sample_keys(samples: Sequence[Any], settings: Any, *, kind: str = "",
+                ignore: Sequence[str] = ()) -> list[str]:
+    """One key per sample: the same on every rank and run iff the sample's result would be the same.
+
+    ``kind`` names what the result is (``""`` for decoding, ``"score"``, ...): results of another
+    kind are never reused. ``ignore``: settings that do not change this kind's results.
+    """
+    digest = settings_digest(settings, ignore)
+    head = [digest, kind] if kind else [digest]
+    return [
+        hashlib.sha256(json.dumps([*head, s.index, s.as_input()], sort_keys=True, ensure_ascii=False)
+                       .encode()).hexdigest()[:32]
+        for s in samples
+    ]
+
+
+def part_path(out_path: Path, rank: int, world_size: int) -> Path:
+    """The part file of one rank: ``<out>.part-<rank>-of-<world>.jsonl``."""
+    return out_path.with_name(f"{out_path.name}.part-{rank:05d}-of-{world_size:05d}.jsonl")
+
+
+def find_part_files(out_path: Path) -> list[Path]:
+    """Part files of any earlier run to the same output, whatever its number of processes."""
+    return sorted(out_path.parent.glob(f"{_glob_escape(out_path.name)}.part-*-of-*.jsonl"))
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def read_part_files(out_path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """Every finished result in the part files, by ``(sample index, key)``; cut lines are skipped."""
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in find_part_files(out_path):
+        for entry in _read_part_lines(path):
+            done[(entry["index"], entry["key"])] = entry["result"]
+    return done
+
+
+def _read_part_lines(path: Path) -> Iterator[dict[str, Any]]:
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # the last line of a crashed run
+            if _is_part_entry(entry):
+                yield entry
+
+
+def _is_part_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("index"), int)
+            and isinstance(entry.get("key"), str) and isinstance(entry.get("result"), dict))
+
+
+def remove_part_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+class PartWriter:
+    """Appends finished samples to one rank's part file; each batch is flushed and fsynced.
+
+    Example:
+        >>> with PartWriter(Path("out.jsonl.part-00000-of-00001.jsonl")) as w:  # doctest: +SKIP
+        ...     w.append([(0, key, result)])
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: Any = None
+
+    def __enter__(self) -> PartWriter:
+        self._file = open(self.path, "ab")
+        if self._file.tell() > 0 and not _ends_with_newline(self.path):
+            self._file.write(b"\n")  # seal a line cut by a crash
+        return self
+
+    def append(self, entries: Iterable[tuple[int, str, Mapping[str, Any]]]) -> None:
+        lines = [dumps({"index": i, "key": k, "result": dict(r)}) + "\n" for i, k, r in entries]
+        self._file.write("".join(lines).encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def compact_result(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a ``generate()`` result that goes to the output (and to part files)."""
+    return {k: result[k] for k in RESULT_KEYS}
+
+
+def row_records(sample: Any, rows: Sequence[Any], result: Mapping[str, Any], *,
+                keys: Sequence[str] = RESULT_KEYS, parallel_keys: Sequence[str] = PARALLEL_KEYS,
+                flat_keys: Sequence[str] = FLAT_KEYS) -> list[tuple[int, dict[str, Any]]]:
+    """The output records of a sample's rows, as ``(row position, record)``.
+
+    A parallel row gets ``outputs``, ``finish_reasons`` and ``num_generated_tokens`` (lists); each
+    flat row its own ``output``, ``finish_reason`` and ``num_generated_tokens``. The row's fields
+    come first, in their order (a field with one of those names is replaced).
+
+    Other jobs name their own per-branch lists: ``result[keys[i]]`` (one value per branch) goes to a
+    parallel row as ``parallel_keys[i]`` and, value by value, to each flat row as ``flat_keys[i]``.
+    """
+    if not sample.flat:
+        (pos,) = sample.rows
+        return [(pos, _record(rows[pos].fields, parallel_keys, [result[k] for k in keys]))]
+    return [
+        (pos, _record(rows[pos].fields, flat_keys, [result[k][b] for k in keys]))
+        for b, pos in enumerate(sample.rows)
+    ]
+
+
+def _record(fields: Mapping[str, Any], keys: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    record = {k: v for k, v in fields.items() if k not in keys}
+    record.update(zip(keys, values))
+    return record
+
+
+def write_jsonl(path: Path, records: Iterable[Any]) -> None:
+    """Write records as JSONL to ``<path>.tmp``, fsync, then rename over ``path``."""
+    _write_atomic(path, (dumps(record) + "\n" for record in records))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write one JSON document (indented) the same way: ``<path>.tmp``, fsync, rename."""
+    _write_atomic(path, [json.dumps(value, ensure_ascii=False, indent=2) + "\n"])
+
+
+def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

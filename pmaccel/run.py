@@ -1,0 +1,327 @@
+"""``infer()``: rows in, ordered JSONL out, resumable; the same call in plain Python, under
+``notebook_launcher`` and under ``accelerate launch`` (SPEC §7, §8, §11).
+
+Importing this module is light (torch, transformers and accelerate load when ``infer`` runs).
+
+    settings -> check the output path -> read rows -> load model -> samples
+      -> part files (resume) -> this rank's share, batch by batch -> gather -> write, clean up
+
+What is computed per batch, and how results become records, is a ``Job``: this module's ``Job``
+decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.compare``);
+``pmaccel.scoring.ScoreJob`` scores (``pmaccel.score``). The pipeline is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pmaccel import distribute, output
+from pmaccel.errors import PMAccelError
+from pmaccel.rows import Grouping, Row, Sample, Skipped, Table, make_samples, read_rows
+from pmaccel.settings import Settings, settings_from_kwargs
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did (printed at the end, and kept on the returned ``Records``)."""
+
+    rows: int  # rows written
+    samples: int
+    branches: int
+    skipped_rows: int
+    samples_computed: int  # in this run; the others came from the part files of an interrupted run
+    samples_resumed: int
+    generated_tokens: int  # in this run (0 for pmaccel score)
+    wall_time_s: float
+    out_path: str
+    job: str = "pmaccel"  # "pmaccel" (infer) or "pmaccel score"
+    totals: dict[str, Any] = dataclasses.field(default_factory=dict)  # dataset totals (score, compare, leakage)
+    notes: list[str] = dataclasses.field(default_factory=list)  # the totals, in words
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        work = (f"{self.generated_tokens} tokens generated in {self.wall_time_s:.1f} s "
+                f"({self.tokens_per_s:.1f} tokens/s)" if self.job == "pmaccel" else f"{self.wall_time_s:.1f} s")
+        return (f"{self.job}: {self.rows} rows ({self.samples} samples, {self.branches} branches) -> "
+                f"{self.out_path}; {work}; {self.samples_computed} samples computed, "
+                f"{self.samples_resumed} resumed; {self.skipped_rows} rows skipped"
+                + "".join(f"\n  {note}" for note in self.notes))
+
+
+class Records(list):
+    """The output records (one per written row, in input order), with the run's ``summary``."""
+
+    summary: Summary
+
+
+def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
+    """Run parallel inference over a data file and write one JSONL line per input row, in input order.
+
+    The same call works in a plain Python process, under ``accelerate launch`` / ``torchrun`` (each
+    process takes a share of the samples; results are gathered) and under ``notebook_launcher``.
+    Finished samples are appended to per-process part files as they come, so an interrupted run
+    resumes where it stopped.
+
+    Args:
+        settings: a ``Settings`` (``notebook_launcher`` passes arguments by position); keyword
+            arguments override its fields.
+        **kwargs: any ``Settings`` field (``pmaccel --help`` lists them).
+
+    Returns:
+        On the main process, the records written (a list with a ``summary`` attribute); on the
+        other processes ``None``.
+
+    Raises:
+        PMAccelError: a bad setting or input (file, row and field in the message); nothing is
+            written to ``out_path`` then.
+
+    Example:
+        >>> records = pmaccel.infer(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP
+        >>> records.summary.samples  # doctest: +SKIP
+        >>> from accelerate import notebook_launcher  # doctest: +SKIP
+        >>> settings = pmaccel.Settings(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP
+        >>> notebook_launcher(pmaccel.infer, (settings,), num_processes=2)  # doctest: +SKIP
+    """
+    return run_job(run_settings(settings, kwargs), Job())
+
+
+class Job:
+    """What a run computes per batch of samples and how results become records: decoding here.
+
+    Subclasses override what differs (``pmaccel.scoring.ScoreJob``); reading rows, sharding, part
+    files, resume, the gather and the ordered output stay in ``run_job``. A result is a JSON dict
+    per sample whose per-branch lists are in branch order.
+    """
+
+    name = "pmaccel"  # the progress bar and the summary
+    kind = ""  # part of every resume key: results of another kind are never reused ("" = decoding)
+    ignore: tuple[str, ...] = ()  # settings that do not change this job's results
+
+    def check(self, settings: Settings) -> None:
+        """Refuse settings this job cannot run with (before anything is read or loaded)."""
+
+    def data_path(self, settings: Settings) -> str | None:
+        """The input file (``None``: the shipped example)."""
+        return settings.data_path
+
+    def counter(self, tokenizer: Any, settings: Settings) -> Callable[[Row], int] | None:
+        """``row -> tokens`` for ``make_samples`` (checks a row for this job); ``None``: prompt tokens."""
+        return None
+
+    def run_batch(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
+                  batch_size: int) -> list[dict]:
+        """The results of a few samples (one per sample, in order)."""
+        from pmaccel import compare, decode
+
+        inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
+        results = decode.generate(model, tokenizer, inputs, indices=indices, batch_size=batch_size,
+                                  **_generate_kwargs(settings))
+        compact = [output.compact_result(r) for r in results]
+        if settings.compare:
+            compare.add_reference(compact, results, model, tokenizer, inputs, indices=indices, batch_size=batch_size,
+                                  **_generate_kwargs(settings))
+        if settings.leakage:
+            compare.add_leakage(compact, results, model, tokenizer, inputs, indices, settings)
+        return compact
+
+    def tokens(self, result: dict) -> int:
+        """What a result counts toward the progress bar's tokens/s."""
+        return sum(result["num_generated_tokens"])
+
+    def records(self, sample: Sample, rows: Sequence[Row], result: dict,
+                settings: Settings) -> list[tuple[int, dict]]:
+        """The output records of a sample's rows, as ``(row position, record)``."""
+        from pmaccel import compare
+
+        keys, parallel, flat = compare.record_keys(settings)
+        return output.row_records(sample, rows, result, keys=keys, parallel_keys=parallel, flat_keys=flat)
+
+    def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
+               settings: Settings) -> tuple[dict[str, Any], list[str]]:
+        """Dataset totals and the same in words, on the main process, from every sample's result once
+        (de-duplicated, in index order): sums, never averages of averages, so they do not depend on
+        the number of processes. ``{}`` when the job has none."""
+        if not (settings.compare or settings.leakage):
+            return {}, []
+        from pmaccel import compare
+
+        return compare.totals(results, settings)
+
+
+def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
+    """``settings`` (a ``Settings`` or None) overridden by ``kwargs``; what ``infer`` and ``score`` take."""
+    if settings is not None and not isinstance(settings, Settings):
+        kind = type(settings).__name__
+        raise PMAccelError(f"the positional argument must be a pmaccel.Settings, got {kind}")
+    return settings_from_kwargs(kwargs, base=settings)
+
+
+def _generate_kwargs(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of ``pmaccel.generate`` that come from the settings (all but the batch)."""
+    return dict(
+        batch_by_samples=settings.batch_by_samples, max_new_tokens=settings.max_new_tokens, mask=settings.mask,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        repetition_penalty=settings.repetition_penalty, seed=settings.seed, chat_template=settings.chat_template,
+        branch_stride=settings.branch_stride, align=settings.align, interleave_branches=settings.interleave_branches,
+        random_time_offset=settings.random_time_offset,
+    )
+
+
+def run_job(settings: Settings, job: Job) -> Records | None:
+    """Run ``job`` over the rows of ``settings.data_path`` and write its ordered, resumable output.
+
+    Every process calls this; see ``infer`` for the launchers. Returns the records on the main
+    process, ``None`` on the others.
+    """
+    job.check(settings)
+    started = time.perf_counter()
+    accelerator = _make_accelerator(settings)
+    out_path = output.check_writable(settings.out_path)  # before the model loads
+    with accelerator.main_process_first():  # datasets' cache is built once
+        table = read_rows(job.data_path(settings), on_error=settings.on_error, num_workers=settings.num_workers)
+    if not table.rows and not table.skipped:
+        raise PMAccelError("the file has no rows", file=table.path)
+    model, tokenizer = _load_model(settings, accelerator)
+    samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings),
+                                    job.counter(tokenizer, settings))
+    keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore)
+
+    done = _resume_state(settings, accelerator, out_path, keys)
+    owners = distribute.agree_on_done(accelerator, done)
+    todo = [s.index for s in samples if s.index not in owners]
+    mine = distribute.shard(accelerator, todo)
+    mine.sort(key=lambda i: -samples[i].num_tokens)  # similar lengths batch together; an OOM shows early
+    fresh = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys, out_path)
+
+    local = [(i, (r, True)) for i, r in fresh.items()]
+    local += [(i, (r, False)) for i, r in done.items() if owners[i] == accelerator.process_index]
+    merged = distribute.gather_results(accelerator, local)
+    records = None
+    if accelerator.is_main_process:
+        records = _write_outputs(out_path, table, samples, merged, skipped, job, settings)
+        records.summary = _summary(records, table, samples, skipped, merged, started, out_path, job, settings)
+        if records.summary.totals:
+            output.write_json(output.summary_path(out_path), {**dataclasses.asdict(records.summary),
+                                                              "tokens_per_s": records.summary.tokens_per_s})
+        else:
+            output.summary_path(out_path).unlink(missing_ok=True)  # from an earlier run
+        print(records.summary, flush=True)
+    accelerator.wait_for_everyone()  # the output is in place: the part files can go
+    rank, world = accelerator.process_index, accelerator.num_processes
+    output.remove_part_files([output.part_path(out_path, rank, world)])
+    if accelerator.is_main_process:
+        output.remove_part_files(output.find_part_files(out_path))
+    return records
+
+
+def _make_accelerator(settings: Settings) -> Any:
+    """The run's ``Accelerator``; on the CPU when asked to or when there is no GPU (gloo between
+    processes, so ``torchrun``/``accelerate launch`` of several processes also works on a CPU box)."""
+    import torch
+    from accelerate import Accelerator
+
+    if hasattr(torch, "accelerator"):
+        has_accelerator = torch.accelerator.is_available()
+    else:
+        has_accelerator = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=settings.device == "cpu" or not has_accelerator)
+    forked = os.environ.get("FORK_LAUNCHED") == "1"
+    if forked and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        # ranks forked by notebook_launcher/debug_launcher: OpenMP is not fork-safe, and a thread team
+        # started in a forked child can hang forever
+        torch.set_num_threads(1)
+    return accelerator
+
+
+def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
+    from pmaccel.model import load_model
+
+    device = accelerator.device if settings.device == "auto" else settings.device
+    with accelerator.main_process_first():  # the embedded model is converted once, by the main process
+        return load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
+                          rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope,
+                          dtype=settings.dtype, device=device)
+
+
+def _resume_state(settings: Settings, accelerator: Any, out_path: Path,
+                  keys: Sequence[str]) -> dict[int, dict]:
+    """Finished results this rank can see in part files, by sample index (none with ``resume=False``)."""
+    parts = output.find_part_files(out_path)
+    resume = settings.resume if settings.resume is not None else bool(parts)
+    done: dict[int, dict] = {}
+    if resume:
+        found = output.read_part_files(out_path)
+        done = {i: found[(i, k)] for i, k in enumerate(keys) if (i, k) in found}
+    else:
+        output.remove_part_files(parts)
+    accelerator.wait_for_everyone()  # no rank deletes a part file another has opened
+    return done
+
+
+def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokenizer: Any, samples: list[Sample],
+              keys: Sequence[str], out_path: Path) -> dict[int, dict]:
+    """Run this rank's samples batch by batch, appending each batch to the rank's part file."""
+    from tqdm.auto import tqdm
+
+    fresh: dict[int, dict] = {}
+    world = accelerator.num_processes
+    bar = tqdm(total=len(samples), unit="sample", disable=not accelerator.is_main_process,
+               desc=job.name if world == 1 else f"{job.name} (rank 0 of {world})")
+    tokens, started = 0, time.perf_counter()
+
+    def run_batch(start: int, end: int, batch_size: int) -> list[dict]:
+        return job.run_batch(settings, model, tokenizer, samples[start:end], batch_size)
+
+    def on_batch(start: int, end: int, results: list[dict]) -> None:
+        nonlocal tokens
+        batch = [(s.index, r) for s, r in zip(samples[start:end], results)]
+        writer.append((i, keys[i], r) for i, r in batch)
+        fresh.update(batch)
+        tokens += sum(job.tokens(r) for _, r in batch)
+        bar.update(end - start)
+        rate = tokens / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(tokens_per_s=f"{rate:.1f}", refresh=False)
+
+    part = output.part_path(out_path, accelerator.process_index, world)
+    with output.PartWriter(part) as writer, bar:
+        distribute.run_batches([len(s.branches) for s in samples], run_batch, on_batch,
+                               batch_size=settings.batch_size, by_samples=settings.batch_by_samples)
+    return fresh
+
+
+def _write_outputs(out_path: Path, table: Table, samples: list[Sample], merged: list[tuple[int, Any]],
+                   skipped: list[Skipped], job: Job, settings: Settings) -> Records:
+    """Expand sample results to row records, in row order; write the output and the skipped rows."""
+    assert [i for i, _ in merged] == [s.index for s in samples], "a sample has no result"
+    by_row = []
+    for (_, (result, _fresh)), sample in zip(merged, samples):
+        by_row += job.records(sample, table.rows, result, settings)
+    records = Records(record for _, record in sorted(by_row, key=lambda pr: pr[0]))
+    output.write_jsonl(out_path, records)
+    errors = output.errors_path(out_path)
+    if skipped:
+        output.write_jsonl(errors, (
+            {"file": table.path, "row": s.number, "error": s.error, "input": s.content} for s in skipped))
+    else:
+        errors.unlink(missing_ok=True)  # from an earlier run
+    return records
+
+
+def _summary(records: Records, table: Table, samples: list[Sample], skipped: list[Skipped],
+             merged: list[tuple[int, Any]], started: float, out_path: Path, job: Job, settings: Settings) -> Summary:
+    fresh = [result for _, (result, is_fresh) in merged if is_fresh]
+    totals, notes = job.totals(samples, [result for _, (result, _fresh) in merged], table.rows, settings)
+    return Summary(
+        rows=len(records), samples=len(samples), branches=sum(len(s.branches) for s in samples),
+        skipped_rows=len(skipped), samples_computed=len(fresh), samples_resumed=len(merged) - len(fresh),
+        generated_tokens=sum(sum(r.get("num_generated_tokens", [])) for r in fresh),
+        wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
+    )

@@ -1,0 +1,74 @@
+"""Helpers for the infer / rows / CLI tests: a tiny random Llama with a real word-level tokenizer,
+saved like any Hugging Face model directory, and small input files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = (
+    "the a an of to and in is was it that for on with as by at from this be are or his her they we you "
+    "i he she one two three four five six seven eight nine ten cat dog bird fish tree sea sky sun moon "
+    "star red blue green big small old new good bad day night time year city river road house book "
+    "question answer capital france paris germany berlin italy rome once upon there lived who what why "
+    "how when where which story tips learn program start practice read write colour clear"
+).split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer over ``WORDS`` (unknown words -> ``<unk>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Save a 2-layer random Llama (fp32) and its tokenizer to ``path``; EOS is ``</s>``."""
+    import torch
+    import transformers
+
+    tokenizer = make_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # make EOS likely enough that some branches stop early
+        model.lm_head.weight[2] *= 2
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+# 4 parallel rows + 6 flat rows; with branches_per_sample=2 that is 7 samples
+MIXED_ROWS = [
+    {"id": "p0", "main": "once upon a time there lived", "branches": ["a cat who", "a dog who", "an old bird"]},
+    {"id": "p1", "main": "", "branches": ["the capital of france is", {"text": "the capital of italy is"}]},
+    {"id": "p2", "main": "question what colour is the sky answer", "branches": ["the sky is", "it is"],
+     "answer_offset": 3},
+    {"id": "p3", "main": "two tips to learn", "branches": [{"input_ids": [10, 11, 12]}, "start to read"]},
+    {"id": "f0", "text": "the sun and the moon"},
+    {"id": "f1", "prompt": "a big red house"},
+    {"id": "f2", "text": "the river is"},
+    {"id": "f3", "input_ids": [20, 21, 22, 23]},
+    {"id": "f4", "text": "one two three"},
+    {"id": "f5", "text": "the city at night"},
+]

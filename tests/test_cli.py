@@ -1,0 +1,199 @@
+"""The command line (SPEC §8, §11): --help, one-line errors with no output written, a run killed with
+SIGKILL and resumed, and the console script / ``python -m`` on the shipped example with the embedded model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers_infer import MIXED_ROWS, read_jsonl, save_tiny_model, write_jsonl
+
+import pmaccel.model
+from pmaccel.cli import main
+from pmaccel.rows import example_path
+from pmaccel.run import infer
+from pmaccel.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def console_script() -> str:
+    path = shutil.which("pmaccel", path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.skip("the pmaccel console script is not installed (pip install -e .)")
+    return path
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("how", ["console", "module"])
+def test_help_lists_every_flag(how):
+    command = [console_script()] if how == "console" else [sys.executable, "-m", "pmaccel"]
+    proc = subprocess.run([*command, "--help"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0
+    for name in Settings.__dataclass_fields__:
+        assert f"--{name}" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def lines(*rows: str) -> str:
+    return "".join(r + "\n" for r in rows)
+
+
+BAD_INPUTS = {  # name: (file content or None for no file, extra flags, expected message after "pmaccel: error: ")
+    "malformed_json": (lines('{"text": "the cat"}', '{"text": "a dog"'), [], "{data}:2: malformed JSON"),
+    "no_branches_no_text": (lines('{"text": "the cat"}', '{"id": 7}'), [], "{data}:2: the row has neither"),
+    "branches_not_a_list": (lines('{"branches": "the cat"}'), [], "{data}:1: branches: branches must be a list"),
+    "non_string_branch": (lines('{"branches": ["the cat", 3]}'), [], "{data}:1: branches[1]: a branch must be"),
+    "over_budget_branch": (lines('{"text": "the cat"}', '{"text": "the cat is big and old"}'),
+                           ["--max_total_tokens", "4"], "{data}:2: text: the branch has 6 prompt tokens"),
+    "missing_file": (None, [], "{data}: data file not found"),
+    "unwritable_out_dir": (lines('{"text": "the cat"}'), ["--out_path", "{blocker}/out.jsonl"],
+                           "out_path: cannot write in the output directory"),
+    "out_path_is_a_dir": (lines('{"text": "the cat"}'), ["--out_path", "{tmp}"], "out_path: "),
+    "bad_value": (lines('{"text": "the cat"}'), ["--top_p", "1.5"], "top_p: must be in (0, 1]"),
+    "unknown_flag": (lines('{"text": "the cat"}'), ["--max_tokens", "3"], "unrecognized arguments: --max_tokens 3"),
+}
+LOADS_MODEL = {"over_budget_branch"}
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing_output", "no_output"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_output(case, existing, tiny, tmp_path, capsys, monkeypatch):
+    content, flags, expected = BAD_INPUTS[case]
+    data = tmp_path / "rows.jsonl"
+    if content is not None:
+        data.write_text(content)
+    (tmp_path / "blocker").write_text("a file, not a directory\n")
+    out = tmp_path / "out" / "out.jsonl"
+    if existing:
+        out.parent.mkdir()
+        out.write_text("old output\n")
+    if case not in LOADS_MODEL:  # errors that must be found before the model loads
+        monkeypatch.setattr(pmaccel.model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    fmt = dict(data=data, blocker=tmp_path / "blocker", tmp=tmp_path)
+    argv = ["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out)]
+    argv += [f.format(**fmt) for f in flags]
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line and line.strip()]
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("pmaccel: error: " + expected.format(**fmt)), err
+    if existing:
+        assert out.read_text() == "old output\n" and sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl"]
+    else:
+        assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_skip_writes_the_good_rows_and_an_errors_file(tiny, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(lines('{"id": 1, "text": "the cat"}', "{oops", '{"id": 3, "branches": ["a dog", ""]}',
+                          '{"id": 4, "text": "the sea"}'))
+    out = tmp_path / "out.jsonl"
+    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out), "--on_error", "skip",
+                 "--max_new_tokens", "3"]) == 0
+    assert [r["id"] for r in read_jsonl(out)] == [1, 4]
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [(e["row"], e["input"]) for e in errors] == [(2, "{oops"), (3, {"id": 3, "branches": ["a dog", ""]})]
+    assert "2 rows skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+
+SLOW_CLI = textwrap.dedent("""
+    import sys, time
+    import pmaccel.decode
+    real = pmaccel.decode.generate
+    def slow(*args, **kwargs):
+        out = real(*args, **kwargs)
+        time.sleep(0.5)
+        return out
+    pmaccel.decode.generate = slow
+    from pmaccel.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_then_resume_gives_the_same_file(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
+    common = dict(base_model=str(tiny), data_path=str(data), branches_per_sample=2, max_new_tokens=8, batch_size=1,
+                  temperature=0.8)
+    infer(out_path=str(tmp_path / "reference.jsonl"), **common)
+    out = tmp_path / "out.jsonl"
+    argv = [f"--{k}={v}" for k, v in common.items()] + ["--out_path", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    part = tmp_path / "out.jsonl.part-00000-of-00001.jsonl"
+    deadline = time.monotonic() + 120
+    while not (part.exists() and part.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = part.read_text().count("\n")
+    assert 3 <= done < 7 and not out.exists()
+
+    records = infer(out_path=str(out), **common)
+    assert records.summary.samples_resumed == done and records.summary.samples_computed == 7 - done
+    assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+    assert not part.exists()
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    """Each branch of the example file continued alone by ``model.generate`` on main + branch ids (greedy)."""
+    import torch
+
+    model, tok = pmaccel.model.load_model(dtype="float32", device="cpu")
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    outputs = []
+    for row in read_jsonl(example_path()):
+        main_ids = tok(row.get("main", ""), add_special_tokens=False)["input_ids"]
+        texts = []
+        for branch in row["branches"]:
+            ids = torch.tensor([main_ids + tok(branch, add_special_tokens=False)["input_ids"]])
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
+            texts.append(tok.decode(new, skip_special_tokens=True))
+        outputs.append(texts)
+    return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["console", "module"])
+def test_the_demo_on_the_embedded_model(how, hf_reference, tmp_path):
+    if how == "console":  # no --out_path: the demo writes pmaccel_outputs.jsonl in the working directory
+        command, out = [console_script()], tmp_path / "pmaccel_outputs.jsonl"
+    else:
+        command, out = [sys.executable, "-m", "pmaccel", "--out_path", "out/demo.jsonl"], tmp_path / "out/demo.jsonl"
+    proc = subprocess.run([*command, "--max_new_tokens", "8"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(example_path())
+    records = read_jsonl(out)
+    assert [{k: r[k] for k in row} for row, r in zip(rows, records)] == rows and len(records) == len(rows)
+    assert [r["outputs"] for r in records] == hf_reference
+    assert all(len(r["finish_reasons"]) == len(r["branches"]) for r in records)
+    assert "rows (" in proc.stdout and "  > " in proc.stdout  # summary and preview

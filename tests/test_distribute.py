@@ -1,0 +1,161 @@
+"""Distribution (SPEC §7): the batch loop and its OOM retry, the gather, and whole runs on 1, 2 and 3
+processes (accelerate's ``debug_launcher``, and ``accelerate launch`` with a shipped config) that
+must write byte-identical files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_infer import MIXED_ROWS, save_tiny_model, write_jsonl
+
+from pmaccel import distribute, output
+from pmaccel.run import infer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
+
+
+# ----------------------------------------------------------------------------- the batch loop
+
+
+@pytest.mark.parametrize("sizes, batch_size, by_samples, expected", [
+    ([1, 1, 1, 1, 1], 2, True, [(0, 2), (2, 4), (4, 5)]),
+    ([3, 1, 2, 5, 1], 4, False, [(0, 2), (2, 3), (3, 4), (4, 5)]),  # a sample wider than the batch goes alone
+    ([2, 2, 2], 6, False, [(0, 3)]),
+])
+def test_batches(sizes, batch_size, by_samples, expected):
+    seen = []
+    distribute.run_batches(sizes, lambda s, e, b: [None] * (e - s), lambda s, e, r: seen.append((s, e)),
+                           batch_size=batch_size, by_samples=by_samples)
+    assert seen == expected
+
+
+def oom():
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_oom_halves_the_batch_and_retries_it():
+    calls, written = [], []
+
+    def generate_batch(start, end, batch_size):
+        calls.append((start, end, batch_size))
+        if end - start > 2:
+            raise oom()
+        return list(range(start, end))
+
+    final = distribute.run_batches([1] * 9, generate_batch, lambda s, e, r: written.extend(r), batch_size=8)
+    assert calls[:3] == [(0, 8, 8), (0, 4, 4), (0, 2, 2)] and final == 2
+    assert calls[-1] == (8, 9, 2)
+    assert written == list(range(9))  # each batch written once, in order
+
+
+def test_oom_with_one_sample_and_other_errors_propagate():
+    with pytest.raises(torch.OutOfMemoryError):
+        distribute.run_batches([1, 1], lambda s, e, b: (_ for _ in ()).throw(oom()), lambda *a: None, batch_size=4)
+    with pytest.raises(RuntimeError, match="boom"):
+        distribute.run_batches([1, 1], lambda s, e, b: (_ for _ in ()).throw(RuntimeError("boom")), lambda *a: None,
+                               batch_size=4)
+
+
+def test_gather_in_one_process_dedupes_and_sorts():
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    assert distribute.gather_results(acc, [(3, "c"), (1, "a"), (3, "c"), (2, "b")]) == [(1, "a"), (2, "b"), (3, "c")]
+    assert distribute.shard(acc, [4, 5, 6]) == [4, 5, 6] and distribute.shard(acc, []) == []
+    assert distribute.agree_on_done(acc, {5, 2}) == {2: 0, 5: 0}
+
+
+# ----------------------------------------------------------------------------- whole runs, several processes
+
+
+def _infer_in_rank(kwargs):  # runs in each forked process
+    infer(**kwargs)
+
+
+def launch(num_processes, **kwargs):
+    """``infer(**kwargs)`` in one process, or in several with accelerate's ``debug_launcher`` (gloo)."""
+    if num_processes == 1:
+        return infer(**kwargs)
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState, PartialState
+
+    # forked ranks must not inherit this process's (single-process) Accelerate state
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    try:
+        debug_launcher(_infer_in_rank, args=(kwargs,), num_processes=num_processes)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 20, "top_p": 0.95}], ids=["greedy", "sampled"])
+def test_same_file_on_1_2_and_3_processes(tiny, mixed, tmp_path, sampling, monkeypatch):
+    # 7 samples: with 3 processes the padding repeats sample 6 on ranks 1 and 2 ([0 1 2] [3 4 6] [5 6])
+    monkeypatch.setattr(output, "remove_part_files", lambda paths: None)  # keep them to look at (forks inherit)
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=8, batch_size=2,
+                  **sampling)
+    files = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"out{n}.jsonl"
+        launch(n, out_path=str(out), **common)
+        files[n] = out.read_bytes()
+        done = {p.name: sorted(json.loads(x)["index"] for x in p.read_text().splitlines())
+                for p in tmp_path.glob(f"out{n}.jsonl.part-*")}
+        shards = {1: [range(7)], 2: [range(4), range(4, 7)], 3: [range(3), [3, 4, 6], [5, 6]]}[n]
+        assert done == {f"out{n}.jsonl.part-{r:05d}-of-{n:05d}.jsonl": list(s) for r, s in enumerate(shards)}
+    assert files[1] == files[2] == files[3]
+    assert files[1].count(b"\n") == len(MIXED_ROWS)
+
+
+def test_flat_grouping_does_not_depend_on_the_process_count(tiny, tmp_path):
+    rows = [{"id": i, "text": t} for i, t in enumerate(["the cat", "a dog", "the sea is", "big", "one two"] * 3)]
+    data = write_jsonl(tmp_path / "flat.jsonl", rows)
+    common = dict(base_model=str(tiny), data_path=str(data), min_branches_per_sample=1, max_branches_per_sample=4,
+                  seed=7, max_new_tokens=5, temperature=1.0)
+    launch(1, out_path=str(tmp_path / "a.jsonl"), **common)
+    launch(3, out_path=str(tmp_path / "b.jsonl"), **common)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_accelerate_launch_with_the_cpu_config(tiny, mixed, tmp_path):
+    """The real launcher: ``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m pmaccel``."""
+    flags = ["--base_model", str(tiny), "--data_path", str(mixed), "--branches_per_sample", "2",
+             "--max_new_tokens", "8", "--batch_size", "2"]
+    infer(out_path=str(tmp_path / "one.jsonl"), base_model=str(tiny), data_path=str(mixed), branches_per_sample=2,
+          max_new_tokens=8, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29517", "-m", "pmaccel",
+         *flags, "--out_path", str(tmp_path / "two.jsonl")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pmaccel: 10 rows") == 1, "one summary, from the main process"
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu_2proc", "single_gpu", "multi_gpu_8", "multi_node_2x8"])
+def test_shipped_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
+    expected = {"cpu": 1, "cpu_2proc": 2, "single_gpu": 1, "multi_gpu_8": 8, "multi_node_2x8": 16}[name]
+    assert config.num_processes == expected

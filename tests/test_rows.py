@@ -1,0 +1,232 @@
+"""Input rows (SPEC §1, §11): every format, the row checks with file:row messages, and the grouping of
+flat rows into samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from helpers_infer import MIXED_ROWS, make_tokenizer, write_jsonl
+
+from pmaccel.errors import PMAccelError
+from pmaccel.rows import Grouping, example_path, make_samples, read_rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def summary(table):
+    return [(r.number, r.flat, r.main, r.branches, r.fields.get("id")) for r in table.rows]
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_jsonl_keeps_rows_as_given(tmp_path):
+    table = read_rows(write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS))
+    assert [r.fields for r in table.rows] == MIXED_ROWS  # own keys, own order, answer_offset carried
+    assert [r.flat for r in table.rows] == [False] * 4 + [True] * 6
+    assert table.rows[1].branches == ["the capital of france is", {"text": "the capital of italy is"}]
+    assert table.rows[3].branches == [{"input_ids": [10, 11, 12]}, "start to read"]
+    assert [r.key for r in table.rows[4:6]] == ["text", "prompt"] and table.rows[7].branches == [
+        {"input_ids": [20, 21, 22, 23]}]
+
+
+def test_blank_lines_are_skipped_and_numbers_are_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [r.number for r in read_rows(path).rows] == [1, 3]
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(MIXED_ROWS, indent=2))
+    table = read_rows(path)
+    assert [r.fields for r in table.rows] == MIXED_ROWS and [r.number for r in table.rows] == list(range(1, 11))
+
+
+FLAT = [{"id": i, "text": f"the {w} is big"} for i, w in enumerate(["cat", "dog", "sea", "sun", "moon"])]
+PARALLEL = [{"id": i, "main": "once upon a time", "branches": ["a cat", "a dog", f"{i} birds"]} for i in range(3)]
+
+
+@pytest.mark.parametrize("rows", [FLAT, PARALLEL], ids=["flat", "parallel"])
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "arrow", "saved", "saved_dict", "json"])
+def test_every_format_reads_the_same_rows(tmp_path, fmt, rows):
+    ds = datasets.Dataset.from_list(rows)
+    if fmt == "parquet":
+        path = tmp_path / "rows.parquet"
+        ds.to_parquet(path)
+    elif fmt == "csv":
+        if "branches" in rows[0]:  # a CSV cell holds the branch list as JSON
+            ds = datasets.Dataset.from_list([{**r, "branches": json.dumps(r["branches"])} for r in rows])
+        path = tmp_path / "rows.csv"
+        ds.to_csv(path, index=False)
+    elif fmt == "arrow":
+        ds.save_to_disk(tmp_path / "saved")
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    elif fmt == "saved":
+        path = tmp_path / "saved"
+        ds.save_to_disk(path)
+    elif fmt == "saved_dict":
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": ds}).save_to_disk(path)
+    else:
+        path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    reference = read_rows(write_jsonl(tmp_path / "ref.jsonl", rows))
+    assert summary(read_rows(path)) == summary(reference)
+
+
+def test_parquet_branches_of_mixed_kinds_are_normalised(tmp_path):
+    # Arrow unifies {"text"} and {"input_ids"} structs into one struct with nulls
+    rows = [{"branches": [{"text": "a cat"}, {"input_ids": [5, 6]}]}, {"branches": [{"text": "a dog"}]}]
+    path = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    assert [r.branches for r in read_rows(path).rows] == [[{"text": "a cat"}, {"input_ids": [5, 6]}],
+                                                          [{"text": "a dog"}]]
+
+
+def test_default_is_the_shipped_example():
+    table = read_rows(None)
+    assert table.path == str(example_path()) and len(table.rows) >= 3
+    assert all(not r.flat and len(r.branches) >= 2 for r in table.rows)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"text": "a"}', '{"text": "b",', '{"text": "c"}'], ":2: malformed JSON"),
+    (['{"text": "a"}', '{"id": 3}'], ":2: the row has neither 'branches'"),
+    (['{"branches": "a cat"}'], ":1: branches: branches must be a list, got a string"),
+    (['{"branches": {"text": "x"}}'], ":1: branches: branches must be a list"),
+    (['{"branches": ["a", 7]}'], ":1: branches[1]: a branch must be a string"),
+    (['{"branches": ["a", {"txt": "b"}]}'], ":1: branches[1]: a branch must be a string"),
+    (['{"branches": [{"input_ids": [1, "2"]}]}'], ":1: branches[0]: input_ids must be a list of integers"),
+    (['{"branches": []}'], ":1: branches: branches is empty"),
+    (['{"main": 3, "branches": ["a"]}'], ":1: main: main must be a string"),
+    (['{"text": 5}'], ":1: text: a branch must be a string"),
+    (['[1, 2]'], ":1: a row must be a JSON object"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, lines, expected):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PMAccelError) as e:
+        read_rows(path)
+    assert str(e.value).startswith(str(path) + expected) and "\n" not in str(e.value)
+
+
+def test_broken_json_array_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n {"text": "a"},\n {"text": "b"\n]\n')
+    with pytest.raises(PMAccelError, match=r"rows\.json:4: malformed JSON"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("missing.jsonl", "data file not found"), ("rows.txt", "unsupported data format '.txt'"),
+    ("adir", "a directory must be a dataset written by Dataset.save_to_disk"),
+])
+def test_bad_paths(tmp_path, name, expected):
+    path = tmp_path / name
+    if name == "rows.txt":
+        path.write_text("hello\n")
+    if name == "adir":
+        path.mkdir()
+    with pytest.raises(PMAccelError, match=expected):
+        read_rows(path)
+
+
+def test_skip_records_bad_rows_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b",\n{"branches": "x"}\n{"text": "c"}\n')
+    table = read_rows(path, on_error="skip")
+    assert [r.number for r in table.rows] == [1, 4]
+    assert [(s.number, s.error.split(": ", 2)[1]) for s in table.skipped] == [(2, "malformed JSON"), (3, "branches")]
+    assert table.skipped[0].content == '{"text": "b",' and table.skipped[1].content == {"branches": "x"}
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def flat_table(tmp_path, texts, name="flat.jsonl"):
+    return read_rows(write_jsonl(tmp_path / name, [{"id": i, "text": t} for i, t in enumerate(texts)]))
+
+
+def groups(samples):
+    return [list(s.rows) for s in samples]
+
+
+def test_parallel_row_is_one_sample_and_flat_rows_group(tmp_path, tok):
+    table = read_rows(write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS))
+    samples, skipped = make_samples(table, tok, Grouping(branches_per_sample=2))
+    assert groups(samples) == [[0], [1], [2], [3], [4, 5], [6, 7], [8, 9]] and not skipped
+    assert [s.index for s in samples] == list(range(7))
+    assert samples[4].as_input() == {"main": "", "branches": ["the sun and the moon", "a big red house"]}
+    assert samples[5].branches == ["the river is", {"input_ids": [20, 21, 22, 23]}]
+    assert samples[0].num_tokens == len("once upon a time there lived a cat who a dog who an old bird".split())
+
+
+def test_a_parallel_row_ends_a_flat_group(tmp_path, tok):
+    rows = [{"text": "a"}, {"text": "the"}, {"branches": ["cat"]}, {"text": "dog"}]
+    samples, _ = make_samples(read_rows(write_jsonl(tmp_path / "r.jsonl", rows)), tok, Grouping(branches_per_sample=3))
+    assert groups(samples) == [[0, 1], [2], [3]]
+
+
+def test_random_group_sizes_are_seeded_and_cover_every_row(tmp_path, tok):
+    table = flat_table(tmp_path, ["the cat"] * 40)
+    g = Grouping(min_branches_per_sample=2, max_branches_per_sample=5, seed=3)
+    a, _ = make_samples(table, tok, g)
+    b, _ = make_samples(table, tok, g)
+    c, _ = make_samples(table, tok, Grouping(min_branches_per_sample=2, max_branches_per_sample=5, seed=4))
+    assert groups(a) == groups(b) != groups(c)
+    assert [p for s in a for p in s.rows] == list(range(40))
+    assert all(2 <= len(s.rows) <= 5 for s in a[:-1]) and len({len(s.rows) for s in a}) > 2
+
+
+def test_token_budget_closes_groups(tmp_path, tok):
+    table = flat_table(tmp_path, ["the cat is big", "a dog", "the old red house", "sun", "the sea"])  # 4 2 4 1 2
+    samples, _ = make_samples(table, tok, Grouping(branches_per_sample=10, max_total_tokens=6))
+    assert groups(samples) == [[0, 1], [2, 3], [4]]
+    assert [s.num_tokens for s in samples] == [6, 5, 2]
+
+
+def test_a_branch_over_budget_is_an_error_or_skipped(tmp_path, tok):
+    table = flat_table(tmp_path, ["the cat", "the cat is big and old", "a dog"])
+    with pytest.raises(PMAccelError, match=r"flat\.jsonl:2: text: the branch has 6 prompt tokens, more than "
+                                           r"max_total_tokens=4"):
+        make_samples(table, tok, Grouping(branches_per_sample=2, max_total_tokens=4))
+    samples, skipped = make_samples(table, tok, Grouping(branches_per_sample=2, max_total_tokens=4, on_error="skip"))
+    assert groups(samples) == [[0, 2]] and [s.number for s in skipped] == [2]
+
+
+def test_a_branch_without_tokens_is_an_error(tmp_path, tok):
+    table = flat_table(tmp_path, ["the cat", ""])
+    with pytest.raises(PMAccelError, match=r"flat\.jsonl:2: text: branch is empty after tokenization"):
+        make_samples(table, tok, Grouping())
+
+
+def test_max_samples_stops_early_and_ignores_later_rows(tmp_path, tok):
+    rows = [{"text": "the cat"}, {"text": "a dog"}, {"text": "sun"}, {"text": ""}, {"branches": "x"}]
+    table = read_rows(write_jsonl(tmp_path / "r.jsonl", rows), on_error="skip")
+    samples, skipped = make_samples(table, tok, Grouping(branches_per_sample=2, max_samples=1, on_error="skip"))
+    assert groups(samples) == [[0, 1]] and skipped == []
+    samples, skipped = make_samples(table, tok, Grouping(branches_per_sample=2, on_error="skip"))
+    assert groups(samples) == [[0, 1], [2]] and [s.number for s in skipped] == [4, 5]
+
+
+def test_chat_template_counts_the_templated_branch(tmp_path, tok):
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}the {{ m['content'] }} is{% endfor %}"
+    table = flat_table(tmp_path, ["cat", "dog"])
+    samples, _ = make_samples(table, tok, Grouping(branches_per_sample=2, chat_template=True))
+    assert samples[0].num_tokens == 6
+
+
+def test_rows_of_the_example_file_make_samples(tok):
+    samples, skipped = make_samples(read_rows(None), tok, Grouping())
+    assert len(samples) == len(read_rows(None).rows) and not skipped
+    assert Path(example_path()).read_text().count("\n") == len(samples)
