@@ -7,7 +7,7 @@ The loop is a handful of small functions over plain tensors:
     next_tokens  -> greedy / sampled token per branch (transformers' logits processors)
     finish       -> EOS / stop ids / max_new_tokens bookkeeping (host side)
     step_inputs  -> the step's new tokens, appended in branch order, with their positions and mask
-    forward      -> the model over the step, with the KV cache
+    ModelCall    -> the model over the step, with the KV cache (pmaccel.forward)
 
 Every forward gets its positions (``position_ids``) and a custom 4D mask; nothing is left in the
 model between calls.
@@ -15,8 +15,6 @@ model between calls.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +26,12 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from pmaccel.errors import PMAccelError
 from pmaccel.fast import decode_batch_fast
+from pmaccel.forward import ModelCall
 from pmaccel.layout import (
     ALIGNS,
     MASKS,
     PackedSample,
     TokenMeta,
-    additive_mask,
-    allowed,
     collate,
     pack_sample,
     stack_positions,
@@ -88,47 +85,22 @@ def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None = None) ->
 # ----------------------------------------------------------------------------- the step functions
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-
-
-@functools.cache
-def _cache_kwarg(model_type: type) -> str:
-    # transformers renamed `past_key_values` to `cache`; use whichever this version's forward takes
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
-
-
-def forward(model, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, opts, cache, keep=None):
-    """One model call. input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; keys: [B, K] incl. queries.
-
-    Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns).
-    """
-    dtype = next(model.parameters()).dtype
-    mask = additive_mask(allowed(query, keys, query_slot, opts.mask), dtype)  # [B, 1, Q, K]
-    kwargs = {} if keep is None else {"logits_to_keep": keep}
-    kwargs[_cache_kwarg(type(_base(model)))] = cache
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-    return out.logits
-
-
-def prefill(model, packs: list[PackedSample], opts: DecodeOptions, cache, pad_id: int):
+def prefill(call: ModelCall, packs: list[PackedSample], opts: DecodeOptions, cache, pad_id: int):
     """Run the packed prompts. Returns (logits [E, V] at each branch's last prompt token, key meta [B, N])."""
     batch = collate(packs, pad_id)
-    device = next(model.parameters()).device
+    device = next(call.model.parameters()).device
     meta = TokenMeta(*(t.to(device) for t in batch.meta.astuple()))
     rows = [b for b, p in enumerate(packs) for _ in p.last_index]
     cols = [i for p in packs for i in p.last_index]
     keep = sorted(set(cols))  # only the logits we need: [B, len(keep), V] instead of [B, N, V]
     where = {c: i for i, c in enumerate(keep)}
     n = batch.input_ids.shape[1]
-    logits = forward(
-        model,
+    logits = call(
         batch.input_ids.to(device),
         stack_positions(batch.pos1d, batch.bpos, batch.meta.time, opts.rope_2d).to(device),
         meta,
         meta,
         torch.arange(n, device=device).expand(len(packs), n),
-        opts,
         cache,
         keep=torch.tensor(keep, device=device),
     )
@@ -215,9 +187,11 @@ def decode_batch(
     """
     device = next(model.parameters()).device
     cache = DynamicCache()  # one layer type for all: the mask, not the cache, decides what is seen
+    call = ModelCall.of(model, opts.mask)
     samples = [
         [
-            _Branch(row=s, sample=s, index=indices[s], branch_id=bid, bpos=int(p.bpos[last]), last_time=lt, history=list(prompts[s][k]))
+            _Branch(row=s, sample=s, index=indices[s], branch_id=bid, bpos=int(p.bpos[last]), last_time=lt,
+                    history=list(prompts[s][k]))
             for k, (bid, last, lt) in enumerate(zip(p.branch_ids, p.last_index, p.last_time))
         ]
         for s, p in enumerate(packs)
@@ -226,7 +200,7 @@ def decode_batch(
     n_real = [p.num_tokens for p in packs]
 
     with torch.inference_mode():
-        logits, keys = prefill(model, packs, opts, cache, pad_id)
+        logits, keys = prefill(call, packs, opts, cache, pad_id)
         step = 0
         while active:
             tokens = next_tokens(logits, active, opts).tolist()
@@ -249,8 +223,7 @@ def decode_batch(
             slot0 = keys.time.shape[1]
             keys = keys.cat(query)
             slots = slot0 + torch.arange(ids.shape[1], device=device).expand_as(ids)
-            out = forward(model, ids, stack_positions(pos1d, bpos, time, opts.rope_2d), query, keys, slots, opts,
-                          cache)
+            out = call(ids, stack_positions(pos1d, bpos, time, opts.rope_2d), query, keys, slots, cache)
             active = [b for b, _, _ in where]
             rows = torch.tensor([r for _, r, _ in where], device=device)
             cols = torch.tensor([k for _, _, k in where], device=device)
@@ -398,7 +371,6 @@ def generate(
         fast = next(model.parameters()).device.type == "cuda" and on_step is None and repetition_penalty == 1.0
     elif fast and (on_step is not None or repetition_penalty != 1.0):
         raise PMAccelError("the fast path takes neither on_step nor repetition_penalty; use fast=False", field="fast")
-    base = _base(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(packs)), key=lambda i: packs[i].num_tokens)  # less padding per batch
     sizes = [len(ts.branches) for ts in tokenized]
@@ -407,8 +379,7 @@ def generate(
     for mb in _micro_batches(order, sizes, batch_size, batch_by_samples):
         mb_packs, mb_indices = [packs[i] for i in mb], [indices[i] for i in mb]
         if fast:
-            ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id,
-                                                        _cache_kwarg(type(base)), len(mb))
+            ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id, len(mb))
         else:
             prompts = [[tokenized[i].main + b for b in tokenized[i].branches] for i in mb]
             ids_per_sample, reasons = decode_batch(model, mb_packs, prompts, mb_indices, opts, pad_id, on_step)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pmaccel.layout import PackedSample, TokenMeta, additive_mask, allowed, collate, stack_positions
+from pmaccel.forward import ModelCall
+from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
 
 SYNC_EVERY = 16  # steps between host checks for "all branches finished"
@@ -125,10 +126,9 @@ def _next_pow2(n: int) -> int:
 class StepRunner:
     """Static buffers for one (B, K, S) shape and the captured decode step."""
 
-    def __init__(self, model, B: int, K: int, S: int, opts, device: torch.device, cache_kwarg: str, compile: bool):
-        self.model, self.opts, self.B, self.K, self.S = model, opts, B, K, S
-        self.cache_kwarg = cache_kwarg
-        self.dtype = next(model.parameters()).dtype
+    def __init__(self, model, B: int, K: int, S: int, opts, device: torch.device, compile: bool):
+        self.call, self.opts, self.B, self.K, self.S = ModelCall.of(model, opts.mask), opts, B, K, S
+        self.dtype = self.call.dtype
         V = model.get_output_embeddings().weight.shape[0]
         z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
         self.cache = SlotCache(S)
@@ -149,12 +149,7 @@ class StepRunner:
 
     # ------------------------------------------------------------------ model call
     def _forward(self, ids, positions, query: TokenMeta, query_slot, keep=None, keys: TokenMeta | None = None):
-        keys = self.keys if keys is None else keys
-        mask = additive_mask(allowed(query, keys, query_slot, self.opts.mask), self.dtype)  # [B, 1, Q, S]
-        kwargs = {self.cache_kwarg: self.cache}
-        if keep is not None:
-            kwargs["logits_to_keep"] = keep
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs).logits
+        return self.call(ids, positions, query, self.keys if keys is None else keys, query_slot, self.cache, keep=keep)
 
     # ------------------------------------------------------------------ prefill (eager, any prompt length)
     def prefill(self, packs: list[PackedSample], indices: list[int], pad_id: int) -> None:
@@ -304,7 +299,6 @@ def decode_batch_fast(
     indices: list[int],
     opts: Any,
     pad_id: int,
-    cache_kwarg: str,
     max_batch: int,
     use_graph: bool | None = None,
 ) -> tuple[list[list[list[int]]], list[list[str]]]:
@@ -323,7 +317,7 @@ def decode_batch_fast(
         if runner is None:
             while len(runners) >= MAX_GRAPHS:
                 runners.popitem(last=False)
-            runner = StepRunner(model, B, K, S, opts, device, cache_kwarg, compile)
+            runner = StepRunner(model, B, K, S, opts, device, compile)
             if use_graph:
                 runner.prefill(packs, indices, pad_id)
                 runner.capture()

@@ -1,0 +1,51 @@
+"""One model call over packed tokens: positions and the packed mask go with every forward.
+
+Shared by the reference decode path (``decode.py``) and the fast path (``fast.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pmaccel.layout import TokenMeta, additive_mask, allowed
+
+
+def _base(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+
+
+@functools.cache
+def _cache_name(model_type: type) -> str:
+    # transformers renamed `past_key_values` to `cache`; use whichever this version's forward takes
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """``model`` with the packed mask of one kind; resolved once, called every step."""
+
+    model: Any
+    mask: str  # "columnar" or "isolated"
+    dtype: torch.dtype
+    cache_name: str
+
+    @classmethod
+    def of(cls, model: Any, mask: str) -> ModelCall:
+        dtype = next(model.parameters()).dtype
+        return cls(model, mask, dtype, _cache_name(type(_base(model))))
+
+    def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None):
+        """input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; query meta [B, Q]; key meta [B, S] (every
+        slot the cache will hold after this call); query_slot: [B, Q]. Returns logits [B, Q', V]
+        (Q' = len(keep) when ``keep`` selects query columns)."""
+        mask = additive_mask(allowed(query, keys, query_slot, self.mask), self.dtype)  # [B, 1, Q, S]
+        kwargs = {self.cache_name: cache}
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits
