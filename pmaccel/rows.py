@@ -260,12 +260,12 @@ def _check_branch(branch: Any, name: str) -> str | dict[str, Any]:
         ids, text = branch.get("input_ids"), branch.get("text")
         if ids is not None:
             if _is_ids(ids):
-                return {"input_ids": list(ids), **_score_fields(branch, name)}
+                return {"input_ids": list(ids), **_score_fields(branch)}
             raise PMAccelError(f"input_ids must be a list of integers, got {_type_name(ids)}", field=name)
         if isinstance(text, str):
-            return {"text": text, **_score_fields(branch, name)}
+            return {"text": text, **_score_fields(branch)}
         if text is None and branch.get("target") is not None:  # scoring: a target with no prompt of its own
-            return {"text": "", **_score_fields(branch, name)}
+            return {"text": "", **_score_fields(branch)}
     raise PMAccelError(
         f"a branch must be a string, {{'text': str}} or {{'input_ids': [int]}}, got {_type_name(branch)}",
         field=name,
@@ -277,21 +277,9 @@ def _is_ids(value: Any) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _score_fields(branch: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """A branch's ``target`` (text or ids) and ``answer_offset`` (characters), checked; only what is given."""
-    out: dict[str, Any] = {}
-    target, offset = branch.get("target"), branch.get("answer_offset")
-    if target is not None:
-        if not (isinstance(target, str) or _is_ids(target)):
-            raise PMAccelError(f"target must be a string or a list of token ids, got {_type_name(target)}",
-                               field=f"{name}.target")
-        out["target"] = target if isinstance(target, str) else list(target)
-    if offset is not None:
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise PMAccelError(f"answer_offset must be a character offset (an integer >= 0), got {offset!r}",
-                               field=f"{name}.answer_offset")
-        out["answer_offset"] = offset
-    return out
+def _score_fields(branch: Mapping[str, Any]) -> dict[str, Any]:
+    """A branch's ``target`` and ``answer_offset``, as given (``pmaccel score`` checks them; infer ignores them)."""
+    return {k: branch[k] for k in SCORE_KEYS if branch.get(k) is not None}
 
 
 def _json_list(text: str) -> Any:

@@ -1,0 +1,468 @@
+"""Teacher-forced scoring under the packed layout: log-likelihood, perplexity, multiple choice.
+
+``pmaccel.score(...)`` / ``pmaccel score [flags]`` run like ``infer`` (same settings, launchers,
+distribution, resume and ordered JSONL output) but, instead of decoding, score given continuations
+(*targets*) with ONE forward per micro-batch of packed samples, under the chosen mask and RoPE.
+
+What is scored, per branch (SPEC §1 rows, plus):
+
+    {"text": prompt, "target": str | [ids]}   the target continues the branch's prompt (may be "")
+    {"text": t, "answer_offset": c}           ParallelMind's training field: a CHARACTER offset into t;
+                                              t[:c] is the prompt and t[c:] the target, each tokenized
+                                              on its own (never t re-tokenized as a whole)
+    "text" / {"text": t} / {"input_ids": ids} no target: the whole branch is the target, given main
+    flat rows                                 the same keys on the row: {"text"/"prompt", "target"}
+
+A row ``{"main": question, "branches": [choice, ...], "label": k}`` is multiple choice: every choice
+is a branch whose target is the choice (no prompt of its own), all in ONE sample, so the question
+is computed once; the predicted choice has the highest summed log-prob (``length_normalize``: the
+highest mean per token).
+
+Layout: a branch's prompt then its target tokens are that branch's tokens (the target continues the
+branch's times); the logits at a branch token score the branch's next token, and the first target
+token of a branch with no prompt is scored from main's last token::
+
+    main "Q ?", branch 1 target "x y", branch 2 prompt "p", target "z"
+
+    time      0   1   2   3
+    main      Q   ?
+    branch 1          x   y        x scored from "?", y from x
+    branch 2          p   z        z scored from p (p itself is not scored)
+
+Under the isolated mask with 2D RoPE off a branch's score is exactly that of ``main + prompt +
+target`` alone; under columnar a target token also sees the earlier tokens of the other branches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmaccel.errors import PMAccelError
+from pmaccel.rows import Row, Sample
+from pmaccel.run import Job, Records, run_job, run_settings
+from pmaccel.settings import Settings
+
+SCORE_KEYS = ("logprobs", "num_target_tokens", "nlls")  # per branch, in a result / parallel row
+SCORE_FLAT_KEYS = ("logprob", "num_target_tokens", "nll")  # in a flat row
+DECODING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "compare", "leakage")
+
+
+def mc_path() -> Path:
+    """The small multiple-choice set shipped with pmaccel: the data of ``pmaccel score`` without ``data_path``."""
+    return Path(__file__).parent / "data" / "mc_easy.jsonl"
+
+
+@dataclass(frozen=True)
+class ScoreTokens:
+    """Token ids of one sample to score: main, and each branch's prompt and target."""
+
+    main: list[int]
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.main) + sum(len(p) + len(t) for p, t in zip(self.prompts, self.targets))
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def split_branch(branch: Any, k: int) -> tuple[str | list[int], str | list[int]]:
+    """A branch's (prompt, target), each text or ids (SPEC §1 branch forms plus ``target`` /
+    ``answer_offset``; see the module docstring).
+
+    Raises:
+        PMAccelError: both ``target`` and ``answer_offset``, an ``answer_offset`` on ids or past the text.
+    """
+    name = f"branches[{k}]"
+    if isinstance(branch, str):
+        return "", branch
+    if not isinstance(branch, Mapping):
+        raise PMAccelError(f"a branch to score must be a string or an object, got {type(branch).__name__}",
+                           field=name)
+    prompt = branch["input_ids"] if branch.get("input_ids") is not None else branch.get("text") or ""
+    target, offset = branch.get("target"), branch.get("answer_offset")
+    if target is not None and offset is not None:
+        raise PMAccelError("give a target or an answer_offset, not both", field=name)
+    if target is not None:
+        if not (isinstance(target, str) or _is_ids(target)):
+            raise PMAccelError(f"target must be a string or a list of token ids, got {type(target).__name__}",
+                               field=f"{name}.target")
+        return prompt, target
+    if offset is not None:
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise PMAccelError(f"answer_offset must be a character offset (an integer >= 0), got {offset!r}",
+                               field=f"{name}.answer_offset")
+        if not isinstance(prompt, str):
+            raise PMAccelError("answer_offset is a character offset into text; give text, not input_ids",
+                               field=f"{name}.answer_offset")
+        if not 0 <= offset < len(prompt):
+            raise PMAccelError(f"answer_offset {offset} leaves no answer in a text of {len(prompt)} characters",
+                               field=f"{name}.answer_offset")
+        return prompt[:offset], prompt[offset:]
+    return "", prompt  # no target: the whole branch is scored, given main
+
+
+def tokenize_for_scoring(sample: Mapping[str, Any], tokenizer: Any, *, chat_template: bool = False) -> ScoreTokens:
+    """Main, prompts and targets of one sample, each tokenized on its own (no special tokens).
+
+    With ``chat_template`` the prompts are wrapped like ``generate`` wraps branches (``main`` and the
+    prompt in one user turn, generation prompt added; main becomes the common prefix) and the target
+    follows as the start of the assistant's reply.
+
+    Raises:
+        PMAccelError: an empty target, or a branch whose first target token has nothing before it.
+
+    Example:
+        >>> st = tokenize_for_scoring({"main": "Q:", "branches": [" yes", " no"]}, tokenizer)  # doctest: +SKIP
+        >>> st.prompts, len(st.targets)  # doctest: +SKIP
+        ([[], []], 2)
+    """
+    from pmaccel.samples import tokenize_sample
+
+    branches = sample.get("branches")
+    if not isinstance(branches, Sequence) or isinstance(branches, str | bytes) or not branches:
+        raise PMAccelError("branches must be a non-empty list", field="branches")
+    main = sample.get("main") or ""
+    if isinstance(main, Mapping) and main.get("input_ids") is not None:
+        main = list(main["input_ids"])
+    if not isinstance(main, str | list):
+        raise PMAccelError(f"main must be a string, got {type(main).__name__}", field="main")
+    pairs = [split_branch(b, k) for k, b in enumerate(branches)]
+    if chat_template:
+        if not isinstance(main, str) or not all(isinstance(p, str) for p, _ in pairs):
+            raise PMAccelError("chat_template needs text, not input_ids, in main and branches", field="branches")
+        ts = tokenize_sample({"main": main, "branches": [p for p, _ in pairs]}, tokenizer, chat_template=True)
+        main_ids, prompts = ts.main, ts.branches
+    else:
+        main_ids = _encode(tokenizer, main) if isinstance(main, str) else main
+        prompts = [_encode(tokenizer, p) if isinstance(p, str) else list(p) for p, _ in pairs]
+    targets = [_encode(tokenizer, t) if isinstance(t, str) else list(t) for _, t in pairs]
+    for k, (prompt, target) in enumerate(zip(prompts, targets)):
+        if not target:
+            raise PMAccelError("the target is empty after tokenization; give it some text", field=f"branches[{k}]")
+        if not prompt and not main_ids:
+            raise PMAccelError("nothing comes before the target, so its first token cannot be scored; give the "
+                               "branch a prompt (text + target) or the row a main", field=f"branches[{k}]")
+    return ScoreTokens(main=main_ids, prompts=prompts, targets=targets)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class ScoredPack:
+    """A packed sample and, per branch, where its target tokens are and which positions score them."""
+
+    packed: Any  # pmaccel.layout.PackedSample
+    targets: list[list[int]]  # per branch: the target ids
+    scored_from: list[list[int]]  # per branch: packed index of the token whose logits score each target token
+
+
+def pack_for_scoring(st: ScoreTokens, *, branch_stride: int = 128, align: str = "left",
+                     interleave_branches: bool = True, time_offset_rng: random.Random | None = None) -> ScoredPack:
+    """Lay out main and each branch's prompt + target as one packed sample (SPEC §2) and find, for every
+    target token, the packed index of its predecessor in the branch (main's last token for the first
+    target token of a branch with no prompt)."""
+    from pmaccel.layout import pack_sample
+    from pmaccel.samples import TokenizedSample
+
+    packed = pack_sample(TokenizedSample(main=st.main, branches=[p + t for p, t in zip(st.prompts, st.targets)]),
+                         branch_stride=branch_stride, align=align, interleave_branches=interleave_branches,
+                         time_offset_rng=time_offset_rng)
+    main_last = int(packed.is_main.nonzero()[-1]) if st.main else -1
+    scored_from = []
+    for branch_id, prompt, target in zip(packed.branch_ids, st.prompts, st.targets):
+        mine = (packed.branch == branch_id).nonzero().flatten().tolist()  # the branch's tokens, in time order
+        before = mine[len(prompt) - 1] if prompt else main_last
+        scored_from.append([before] + mine[len(prompt):len(prompt) + len(target) - 1])
+    return ScoredPack(packed=packed, targets=[list(t) for t in st.targets], scored_from=scored_from)
+
+
+# ----------------------------------------------------------------------------- one forward per micro-batch
+
+
+def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: bool,
+                    pad_id: int = 0) -> list[list[list[float]]]:
+    """Log-probabilities of every target token of a few packed samples, from ONE forward (no cache).
+
+    Returns:
+        ``[sample][branch][token]`` log-probs (float32 log-softmax of the logits).
+    """
+    from pmaccel.layout import additive_mask, allowed, collate
+
+    batch = collate([p.packed for p in packs], pad_id)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    meta = batch.meta
+    n = batch.input_ids.shape[1]
+    attn = additive_mask(allowed(meta, meta, torch.arange(n).expand(len(packs), n), mask), dtype)  # [B, 1, N, N]
+    rows = [b for b, p in enumerate(packs) for cols in p.scored_from for _ in cols]
+    cols = [c for p in packs for cs in p.scored_from for c in cs]
+    ids = [t for p in packs for ts in p.targets for t in ts]
+    keep = sorted(set(cols))  # only the logits that score something: [B, K, V]
+    where = {c: i for i, c in enumerate(keep)}
+    with torch.inference_mode():
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=attn.to(device),
+                       position_ids=batch.positions(rope_2d).to(device), use_cache=False,
+                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        picked = logits[torch.tensor(rows, device=device), torch.tensor([where[c] for c in cols], device=device)]
+        lp = torch.log_softmax(picked.float(), dim=-1)  # [E, V]
+        flat = lp.gather(-1, torch.tensor(ids, device=device)[:, None])[:, 0].cpu().tolist()  # [E]
+    out, i = [], 0
+    for p in packs:
+        per_branch = []
+        for ts in p.targets:
+            per_branch.append(flat[i:i + len(ts)])
+            i += len(ts)
+        out.append(per_branch)
+    return out
+
+
+def score_samples(
+    model: Any,
+    tokenizer: Any,
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    mask: str | None = None,
+    batch_size: int = 16,
+    batch_by_samples: bool = True,
+    chat_template: bool = False,
+    branch_stride: int = 128,
+    align: str = "left",
+    interleave_branches: bool = True,
+    random_time_offset: bool = False,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+) -> list[dict]:
+    """Teacher-forced log-likelihood of each branch's target under the packed layout.
+
+    Args:
+        model: a causal LM from ``pmaccel.load_model`` (2D RoPE is used when the model was patched).
+        tokenizer: its tokenizer.
+        samples: ``[{"main": str, "branches": [...]}, ...]``, branches as in the module docstring.
+        mask: ``"columnar"`` or ``"isolated"``; default columnar with 2D RoPE, isolated without.
+        batch_size: samples per forward (``batch_by_samples``), else the most branches per forward.
+        batch_by_samples: how ``batch_size`` counts.
+        chat_template: wrap main + prompt in the tokenizer's chat template (see ``tokenize_for_scoring``).
+        branch_stride: ``bpos = branch_id * branch_stride``.
+        align: ``"left"`` or ``"right"``.
+        interleave_branches: packed order by (time, branch); ``False``: by (branch, time).
+        random_time_offset: shift each branch's times by a seeded random amount (as ``generate``).
+        seed: seeds the time offsets, per sample index.
+        indices: the global index of each sample; default ``range(len(samples))``.
+
+    Returns:
+        One dict per sample, in input order, per branch: ``logprobs`` (summed log-prob of the target),
+        ``num_target_tokens``, ``nlls`` (mean negative log-likelihood per token) and
+        ``token_logprobs``; plus ``num_tokens`` (the packed sample's length).
+
+    Example:
+        >>> model, tok = pmaccel.load_model()  # doctest: +SKIP
+        >>> score_samples(model, tok, [{"main": "The capital of France is",
+        ...                             "branches": [" Paris", " Rome"]}])[0]["logprobs"]  # doctest: +SKIP
+        [-1.9, -7.4]
+    """
+    from pmaccel.decode import sample_seed
+    from pmaccel.distribute import batch_end
+    from pmaccel.layout import MASKS
+    from pmaccel.rope import is_rope_2d
+
+    rope_2d = is_rope_2d(model)
+    mask = mask or ("columnar" if rope_2d else "isolated")
+    if mask not in MASKS:
+        raise PMAccelError(f"unknown mask {mask!r}; use one of {', '.join(MASKS)}", field="mask")
+    if batch_size < 1:
+        raise PMAccelError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
+    indices = list(range(len(samples))) if indices is None else list(indices)
+    if len(indices) != len(samples):
+        raise PMAccelError(f"got {len(indices)} indices for {len(samples)} samples", field="indices")
+    packs = []
+    for i, s in zip(indices, samples):
+        try:
+            st = tokenize_for_scoring(s, tokenizer, chat_template=chat_template)
+        except PMAccelError as e:
+            raise PMAccelError(f"sample {i}: {e}") from None
+        rng = random.Random(sample_seed(seed, i)) if random_time_offset else None
+        packs.append(pack_for_scoring(st, branch_stride=branch_stride, align=align,
+                                      interleave_branches=interleave_branches, time_offset_rng=rng))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(packs)), key=lambda i: packs[i].packed.num_tokens)  # less padding per batch
+    sizes = [len(packs[i].targets) for i in order]
+    results: list[dict | None] = [None] * len(packs)
+    start = 0
+    while start < len(order):
+        end = batch_end(sizes, start, batch_size, batch_by_samples)
+        mb = order[start:end]
+        for i, per_branch in zip(mb, target_logprobs(model, [packs[i] for i in mb], mask=mask, rope_2d=rope_2d,
+                                                     pad_id=pad_id)):
+            results[i] = _result(per_branch, packs[i].packed.num_tokens)
+        start = end
+    return results  # type: ignore[return-value]
+
+
+def _result(per_branch: list[list[float]], num_tokens: int) -> dict:
+    sums = [math.fsum(x) for x in per_branch]
+    counts = [len(x) for x in per_branch]
+    return {"logprobs": sums, "num_target_tokens": counts, "nlls": [-s / n for s, n in zip(sums, counts)],
+            "token_logprobs": per_branch, "num_tokens": num_tokens}
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def label_of(row: Row) -> int | None:
+    """A multiple-choice row's ``label`` (index of the right choice), checked; ``None`` for other rows.
+
+    Raises:
+        PMAccelError: a label that is not an index into the row's branches.
+    """
+    label = row.fields.get("label")
+    if row.flat or label is None:
+        return None
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(row.branches):
+        raise PMAccelError(f"label must be the index of the right choice, 0..{len(row.branches) - 1}, "
+                           f"got {label!r}", field="label")
+    return label
+
+
+def predict(logprobs: Sequence[float], counts: Sequence[int], length_normalize: bool = False) -> int:
+    """The chosen choice: highest summed log-prob, or highest mean per token (the first on a tie)."""
+    values = [lp / n for lp, n in zip(logprobs, counts)] if length_normalize else list(logprobs)
+    return max(range(len(values)), key=values.__getitem__)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+class ScoreJob(Job):
+    """``pmaccel score``: scoring instead of decoding; the rest of the ``infer`` pipeline is shared."""
+
+    name = "pmaccel score"
+    kind = "score"
+    ignore = DECODING_SETTINGS
+
+    def check(self, settings: Settings) -> None:
+        for name in ("compare", "leakage"):
+            if getattr(settings, name):
+                raise PMAccelError(f"--{name} belongs to pmaccel (inference), not to pmaccel score; drop it",
+                                   field=name)
+
+    def data_path(self, settings: Settings) -> str | None:
+        return settings.data_path or str(mc_path())
+
+    def counter(self, tokenizer: Any, settings: Settings) -> Callable[[Row], int]:
+        def count(row: Row) -> int:
+            label_of(row)
+            sample = {"main": row.main, "branches": row.branches}
+            return tokenize_for_scoring(sample, tokenizer, chat_template=settings.chat_template).num_tokens
+
+        return count
+
+    def run_batch(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
+                  batch_size: int) -> list[dict]:
+        results = score_samples(
+            model, tokenizer, [s.as_input() for s in samples], indices=[s.index for s in samples],
+            batch_size=batch_size, batch_by_samples=settings.batch_by_samples, mask=settings.mask,
+            chat_template=settings.chat_template, branch_stride=settings.branch_stride, align=settings.align,
+            interleave_branches=settings.interleave_branches, random_time_offset=settings.random_time_offset,
+            seed=settings.seed,
+        )
+        return [{"logprobs": r["logprobs"], "num_target_tokens": r["num_target_tokens"]} for r in results]
+
+    def tokens(self, result: dict) -> int:
+        return sum(result["num_target_tokens"])
+
+    def records(self, sample: Sample, rows: Sequence[Row], result: dict,
+                settings: Settings) -> list[tuple[int, dict]]:
+        from pmaccel.output import row_records
+
+        full = {**result, "nlls": [-lp / n for lp, n in zip(result["logprobs"], result["num_target_tokens"])]}
+        records = row_records(sample, rows, full, keys=SCORE_KEYS, parallel_keys=SCORE_KEYS,
+                              flat_keys=SCORE_FLAT_KEYS)
+        for pos, record in records:
+            label = label_of(rows[pos])
+            if label is not None:
+                choice = predict(result["logprobs"], result["num_target_tokens"], settings.length_normalize)
+                record.update(prediction=choice, correct=choice == label)
+        return records
+
+    def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
+               settings: Settings) -> tuple[dict[str, Any], list[str]]:
+        return score_totals(samples, results, rows, settings.length_normalize)
+
+
+def score_totals(samples: Sequence[Sample], results: Sequence[Mapping[str, Any]], rows: Sequence[Row],
+                 length_normalize: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Dataset totals from every sample's result, once each, in index order; and the same in words.
+
+    ``perplexity = exp(-sum of log-probs / sum of target tokens)`` over every scored branch;
+    multiple choice: ``accuracy = correct rows / labelled rows`` and ``chance`` = the mean of
+    1 / choices over those rows.
+    """
+    logprob = math.fsum(lp for r in results for lp in r["logprobs"])
+    tokens = sum(n for r in results for n in r["num_target_tokens"])
+    nll = -logprob / tokens if tokens else 0.0
+    totals: dict[str, Any] = {"branches": sum(len(r["logprobs"]) for r in results), "tokens": tokens,
+                              "logprob": logprob, "nll": nll, "perplexity": math.exp(nll)}
+    notes = [f"log-likelihood: {tokens} target tokens in {totals['branches']} branches, sum log-prob "
+             f"{logprob:.4f}, mean NLL {nll:.4f}, perplexity {totals['perplexity']:.4f}"]
+    correct = chance = labelled = 0
+    for sample, result in zip(samples, results):
+        label = None if sample.flat else label_of(rows[sample.rows[0]])
+        if label is not None:
+            labelled += 1
+            correct += predict(result["logprobs"], result["num_target_tokens"], length_normalize) == label
+            chance += 1 / len(result["logprobs"])
+    if labelled:
+        mc = {"rows": labelled, "correct": correct, "accuracy": correct / labelled, "chance": chance / labelled,
+              "length_normalize": length_normalize}
+        totals["multiple_choice"] = mc
+        notes.append(f"multiple choice: accuracy {mc['accuracy']:.3f} ({correct}/{labelled} rows; chance "
+                     f"{mc['chance']:.3f}; by {'mean' if length_normalize else 'summed'} log-prob)")
+    return totals, notes
+
+
+def score(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
+    """Score the rows of a data file and write one JSONL line per input row, in input order.
+
+    Runs exactly like ``pmaccel.infer`` (plain Python, ``accelerate launch``, ``notebook_launcher``;
+    part files and resume), with one forward per micro-batch instead of decoding. Each parallel row
+    gets ``logprobs``, ``num_target_tokens`` and ``nlls`` (per branch), a flat row ``logprob``,
+    ``num_target_tokens`` and ``nll``; a multiple-choice row (``label``) also ``prediction`` and
+    ``correct``. Dataset totals (perplexity, accuracy) go to the summary and ``<out_path>.summary.json``.
+
+    Args:
+        settings: a ``Settings``; keyword arguments override its fields.
+        **kwargs: any ``Settings`` field; the decoding ones (``max_new_tokens``, ``temperature``, ...)
+            are not used. Without ``data_path``: the shipped easy multiple-choice set.
+
+    Returns:
+        On the main process, the records written (``records.summary.totals`` holds the totals); on
+        the other processes ``None``.
+
+    Raises:
+        PMAccelError: a bad setting or input row (file, row and field in the message).
+
+    Example:
+        >>> records = pmaccel.score(data_path="heldout.jsonl", out_path="scores.jsonl")  # doctest: +SKIP
+        >>> records.summary.totals["perplexity"]  # doctest: +SKIP
+        >>> pmaccel.score(out_path="mc.jsonl").summary.totals["multiple_choice"]["accuracy"]  # doctest: +SKIP
+    """
+    return run_job(run_settings(settings, kwargs), ScoreJob())

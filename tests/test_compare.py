@@ -1,0 +1,213 @@
+"""``infer(compare=True)`` and ``infer(leakage=True)``: parallel decoding against one question at a time,
+and the attention mass branches put on each other, checked against direct computations (HF ``generate``
+on each branch alone; attention probabilities summed by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from helpers_infer import MIXED_ROWS, read_jsonl, save_tiny_model, write_jsonl
+
+import pmaccel
+import pmaccel.model
+from pmaccel.cli import main
+from pmaccel.compare import first_divergence, rope_2d_off
+from pmaccel.layout import append_outputs, pack_sample
+from pmaccel.rope import is_rope_2d, patch_rope
+from pmaccel.rows import example_path
+from pmaccel.run import infer
+from pmaccel.samples import tokenize_sample
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
+
+
+@pytest.fixture(scope="module")
+def parallel(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "parallel.jsonl", MIXED_ROWS[:4])
+
+
+def divergence_by_hand(a: list[int], b: list[int]) -> int | None:
+    i = 0
+    while i < len(a) and i < len(b) and a[i] == b[i]:
+        i += 1
+    return None if i == len(a) == len(b) else i
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([], [4]) == 0
+
+
+def test_rope_2d_off_is_the_models_own_rope_and_is_undone():
+    plain = tiny_model("llama", seed=5)
+    patched = tiny_model("llama", seed=5)
+    patch_rope(patched, 0.5)
+    x = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad(), rope_2d_off(patched):
+        assert not is_rope_2d(patched)
+        assert torch.equal(patched(x).logits, plain(x).logits)
+    assert is_rope_2d(patched)
+
+
+# ----------------------------------------------------------------------------- compare, tiny model
+
+
+def test_compare_adds_per_branch_fields_and_keeps_the_outputs(tiny, mixed, tmp_path):
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=8)
+    plain = infer(out_path=str(tmp_path / "plain.jsonl"), **common)
+    records = infer(out_path=str(tmp_path / "cmp.jsonl"), compare=True, mask="isolated", **common)
+    assert not (tmp_path / "plain.jsonl.summary.json").exists()
+    for p, r, row in zip(plain, records, MIXED_ROWS):
+        assert {k: r[k] for k in p} == p  # the same outputs, then the comparison
+        if "branches" in row:
+            assert list(r)[len(p):] == ["agree", "first_divergence", "reference_outputs"]
+            assert r["agree"] == [True] * len(row["branches"]) and r["reference_outputs"] == r["outputs"]
+        else:
+            assert list(r)[len(p):] == ["agree", "first_divergence", "reference_output"]
+            assert r["agree"] is True and r["first_divergence"] is None and r["reference_output"] == r["output"]
+    summary = json.loads((tmp_path / "cmp.jsonl.summary.json").read_text())
+    assert summary["totals"]["compare"] == {"branches": 15, "agree": 15, "agreement": 1.0, "diverged": 0,
+                                            "mean_first_divergence": None}
+
+
+def test_compare_with_2d_rope_against_the_plain_model(tiny, parallel, tmp_path):
+    """Columnar + 2D RoPE vs independent branches: the reference is what the unpatched model gives alone."""
+    common = dict(base_model=str(tiny), data_path=str(parallel), max_new_tokens=8)
+    records = infer(out_path=str(tmp_path / "cmp.jsonl"), compare=True, patch_rope=True, **common)
+    isolated = infer(out_path=str(tmp_path / "iso.jsonl"), patch_rope=False, mask="isolated", **common)
+    model, tok = pmaccel.load_model(str(tiny), device="cpu", patch_rope=True)
+    for r, iso in zip(records, isolated):
+        assert r["reference_outputs"] == iso["outputs"]
+        mine = pmaccel.generate(model, tok, [{"main": r["main"], "branches": r["branches"]}], max_new_tokens=8)[0]
+        assert r["outputs"] == mine["outputs"]
+    assert records.summary.totals["compare"]["branches"] == 9
+
+
+# ----------------------------------------------------------------------------- compare, embedded SmolLM2
+
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2):
+    """Each branch of the example file continued alone by HF ``model.generate`` on main + branch (greedy)."""
+    model, tok = smollm2
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    out = []
+    for row in read_jsonl(example_path()):
+        main_ids = tok(row.get("main", ""), add_special_tokens=False)["input_ids"]
+        per_branch = []
+        for branch in row["branches"]:
+            ids = torch.tensor([main_ids + tok(branch, add_special_tokens=False)["input_ids"]])
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            per_branch.append(new[:next((i for i, t in enumerate(new) if t in eos), len(new))])
+        out.append(per_branch)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", ["isolated", "columnar"])
+def test_compare_on_the_embedded_model(mask, smollm2, alone, tmp_path, monkeypatch):
+    model, tok = smollm2
+    monkeypatch.setattr(pmaccel.model, "load_model", lambda *a, **k: (model, tok))
+    records = infer(out_path=str(tmp_path / "cmp.jsonl"), compare=True, mask=mask, max_new_tokens=NEW_TOKENS)
+    rows = read_jsonl(example_path())
+    direct = pmaccel.generate(model, tok, rows, mask=mask, max_new_tokens=NEW_TOKENS)
+    expected = [[divergence_by_hand(a, b) for a, b in zip(d["output_ids"], ref)] for d, ref in zip(direct, alone)]
+    assert [r["first_divergence"] for r in records] == expected
+    assert [r["agree"] for r in records] == [[w is None for w in e] for e in expected]
+    assert [r["reference_outputs"] for r in records] == [[tok.decode(x, skip_special_tokens=True) for x in ref]
+                                                          for ref in alone]
+    c = records.summary.totals["compare"]
+    flat = [w for e in expected for w in e]
+    print(f"{mask} vs isolated: {c['agree']}/{c['branches']} agree; first divergence per branch: {expected}")
+    if mask == "isolated":
+        assert c["agreement"] == 1.0 and c["agree"] == c["branches"] == 13
+    else:
+        diverged = [w for w in flat if w is not None]
+        assert diverged, "columnar changes what the branches see, so some branch must diverge"
+        assert c["diverged"] == len(diverged) and c["mean_first_divergence"] == pytest.approx(
+            sum(diverged) / len(diverged))
+
+
+# ----------------------------------------------------------------------------- leakage
+
+
+def test_leakage_is_exactly_zero_under_the_isolated_mask(tiny, mixed, tmp_path):
+    records = infer(base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "l.jsonl"),
+                    branches_per_sample=2, max_new_tokens=6, leakage=True, mask="isolated", patch_rope=True)
+    for r in records:
+        per_branch = r["leakage"] if "outputs" in r else [r["leakage"]]
+        assert all(len(layers) == 2 and all(x == 0.0 for x in layers) for layers in per_branch)
+        tokens = r["leakage_tokens"] if "outputs" in r else [r["leakage_tokens"]]
+        assert all(n > 0 for n in tokens)
+    totals = records.summary.totals["leakage"]
+    assert totals["per_layer"] == [0.0, 0.0] and totals["mean"] == 0.0
+
+
+def hand_leakage(model, packed) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, int]]:
+    """Attention probabilities of one forward over ``packed`` with a columnar mask built here; per branch:
+    the summed, over its tokens, per-layer mass (mean over heads) on tokens of other branches (not main)."""
+    n = packed.num_tokens
+    time, branch, is_main = packed.time, packed.branch, packed.is_main
+    mask = (time[None, :] < time[:, None]) | torch.eye(n, dtype=torch.bool)
+    positions = torch.stack([torch.arange(n), packed.bpos, time], dim=-1)[None]  # (pos1d, bpos, time)
+    with torch.no_grad():
+        out = model(input_ids=packed.input_ids[None], attention_mask=torch.where(mask, 0.0, -1e30)[None, None],
+                    position_ids=positions, output_attentions=True)
+    sums, counts = {}, {}
+    for b in sorted(set(branch[~is_main].tolist())):
+        queries = (branch == b) & ~is_main
+        others = (branch != b) & ~is_main
+        per_layer = [float(p[0].float().mean(dim=0)[queries][:, others].sum()) for p in out.attentions]
+        sums[b], counts[b] = torch.tensor(per_layer, dtype=torch.float64), int(queries.sum())
+    return out, sums, counts
+
+
+def test_leakage_matches_a_hand_computation_under_the_columnar_mask(tiny, parallel, tmp_path):
+    records = infer(base_model=str(tiny), data_path=str(parallel), out_path=str(tmp_path / "l.jsonl"),
+                    max_new_tokens=6, leakage=True, mask="columnar", patch_rope=True)
+    model, tok = pmaccel.load_model(str(tiny), device="cpu", patch_rope=True)
+    samples = [{"main": r["main"], "branches": r["branches"]} for r in records]
+    generated = pmaccel.generate(model, tok, samples, mask="columnar", max_new_tokens=6)
+    model.set_attn_implementation("eager")  # attention probabilities
+    total, tokens = torch.zeros(2, dtype=torch.float64), 0
+    for r, sample, result in zip(records, samples, generated):
+        packed = append_outputs(pack_sample(tokenize_sample(sample, tok)), result["output_ids"])
+        _, sums, counts = hand_leakage(model, packed)
+        for k, b in enumerate(packed.branch_ids):
+            assert r["leakage_tokens"][k] == counts[b]
+            assert r["leakage"][k] == pytest.approx((sums[b] / counts[b]).tolist(), abs=1e-5)
+            total += sums[b]
+            tokens += counts[b]
+    expected = (total / tokens).tolist()
+    got = records.summary.totals["leakage"]
+    print("columnar leakage per layer:", got["per_layer"], "by hand:", expected)
+    assert got["per_layer"] == pytest.approx(expected, abs=1e-6) and got["tokens"] == tokens
+    assert min(expected) > 0.01, "under columnar the branches do see each other"
+
+
+def test_cli_compare_and_leakage(tiny, mixed, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    assert main(["--base_model", str(tiny), "--data_path", str(mixed), "--out_path", str(out), "--max_new_tokens", "4",
+                 "--branches_per_sample", "2", "--compare", "--leakage"]) == 0
+    printed = capsys.readouterr().out
+    assert "compare: 15/15 branches agree" in printed and "leakage (attention mass" in printed
+    records = read_jsonl(out)
+    assert all({"agree", "first_divergence", "leakage", "leakage_tokens"} <= set(r) for r in records)
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert set(summary["totals"]) == {"compare", "leakage"} and summary["rows"] == len(MIXED_ROWS)
