@@ -16,6 +16,7 @@ Shapes are bucketed (B to a power of two, S to a multiple of 256) so a run captu
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -247,8 +248,16 @@ class StepRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
+            try:
+                self._step()  # compiles, when the step is compiled
+            except Exception as e:  # a model torch.compile cannot take: keep the eager step (same results)
+                if self._step is self.step:
+                    raise
+                warnings.warn(f"torch.compile failed on the decode step ({type(e).__name__}: {e}); "
+                              "capturing the eager step instead", stacklevel=2)
+                self._step = self.step
                 self._step()
+            self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -309,7 +318,8 @@ def decode_batch_fast(
     B = min(_next_pow2(len(packs)), max(max_batch, len(packs)))
     K = max(len(p.branch_ids) for p in packs)
     n = max(p.num_tokens for p in packs)
-    S = -(-(n + K * opts.max_new_tokens) // S_BUCKET) * S_BUCKET
+    # every step takes K slots; two more steps' worth for the warm-up before a capture
+    S = -(-(n + K * (opts.max_new_tokens + 2)) // S_BUCKET) * S_BUCKET
     runners: OrderedDict = model.__dict__.setdefault("_pmaccel_runners", OrderedDict())
     key = (B, K, S, opts, use_graph, compile)  # opts hashes by its settings (not the processor objects)
     with torch.inference_mode(), grouped_attention(model):
