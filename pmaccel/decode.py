@@ -37,7 +37,7 @@ from pmaccel.layout import (
     stack_positions,
 )
 from pmaccel.rope import is_rope_2d
-from pmaccel.samples import tokenize_sample
+from pmaccel.samples import batch_end, tokenize_sample
 from pmaccel.sampling import draw, make_processors, uniforms
 
 
@@ -242,20 +242,26 @@ def _partial(index: int, branches: list[_Branch]) -> dict:
 # ----------------------------------------------------------------------------- the public entry point
 
 
-def _micro_batches(order: list[int], sizes: list[int], batch_size: int, batch_by_samples: bool) -> list[list[int]]:
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    load = 0
-    for i in order:
-        cost = 1 if batch_by_samples else sizes[i]
-        if cur and load + cost > batch_size:
-            batches.append(cur)
-            cur, load = [], 0
-        cur.append(i)
-        load += cost
-    if cur:
-        batches.append(cur)
-    return batches
+def check_call(model: Any, samples: Sequence, *, mask: str | None, batch_size: int,
+               indices: Sequence[int] | None) -> tuple[bool, str, list[int]]:
+    """Checks shared by ``generate`` and ``score_samples``. Returns (2D RoPE on, mask, indices)."""
+    rope_2d = is_rope_2d(model)
+    mask = mask or ("columnar" if rope_2d else "isolated")
+    if mask not in MASKS:
+        raise PMAccelError(f"unknown mask {mask!r}; use one of {', '.join(MASKS)}", field="mask")
+    if batch_size < 1:
+        raise PMAccelError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
+    if attn not in (None, "eager", "sdpa"):
+        raise PMAccelError(
+            f"attention implementation {attn!r} cannot take the packed 4D mask; load the model with "
+            "attn_implementation='sdpa' or 'eager'",
+            field="attn_implementation",
+        )
+    indices = list(range(len(samples))) if indices is None else list(indices)
+    if len(indices) != len(samples):
+        raise PMAccelError(f"got {len(indices)} indices for {len(samples)} samples", field="indices")
+    return rope_2d, mask, indices
 
 
 def generate(
@@ -321,23 +327,11 @@ def generate(
         >>> pmaccel.generate(model, tok, [{"main": "Name a colour.", "branches": ["A:", "B:"]}],
         ...                  max_new_tokens=8)[0]["outputs"]  # doctest: +SKIP
     """
-    rope_2d = is_rope_2d(model)
-    mask = mask or ("columnar" if rope_2d else "isolated")
-    if mask not in MASKS:
-        raise PMAccelError(f"unknown mask {mask!r}; use one of {', '.join(MASKS)}", field="mask")
+    rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
     if align not in ALIGNS:
         raise PMAccelError(f"align must be one of {', '.join(ALIGNS)}, got {align!r}", field="align")
     if max_new_tokens < 1:
         raise PMAccelError(f"max_new_tokens must be at least 1, got {max_new_tokens}", field="max_new_tokens")
-    if batch_size < 1:
-        raise PMAccelError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-    if attn not in (None, "eager", "sdpa"):
-        raise PMAccelError(
-            f"attention implementation {attn!r} cannot take the packed 4D mask; load the model with "
-            "attn_implementation='sdpa' or 'eager'",
-            field="attn_implementation",
-        )
     greedy = do_sample is False or temperature == 0.0
     if do_sample and temperature == 0.0:
         greedy = False
@@ -352,10 +346,6 @@ def generate(
         processors=make_processors(temperature, top_p, top_k, repetition_penalty, greedy),
         seed=seed,
     )
-    indices = list(range(len(samples))) if indices is None else list(indices)
-    if len(indices) != len(samples):
-        raise PMAccelError(f"got {len(indices)} indices for {len(samples)} samples", field="indices")
-
     tokenized, packs = [], []
     for i, s in zip(indices, samples):
         try:
@@ -373,10 +363,13 @@ def generate(
         raise PMAccelError("the fast path takes neither on_step nor repetition_penalty; use fast=False", field="fast")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(packs)), key=lambda i: packs[i].num_tokens)  # less padding per batch
-    sizes = [len(ts.branches) for ts in tokenized]
+    sizes = [len(tokenized[i].branches) for i in order]
     results: list[dict | None] = [None] * len(packs)
     done = 0
-    for mb in _micro_batches(order, sizes, batch_size, batch_by_samples):
+    start = 0
+    while start < len(order):
+        end = batch_end(sizes, start, batch_size, batch_by_samples)
+        mb, start = order[start:end], end
         mb_packs, mb_indices = [packs[i] for i in mb], [indices[i] for i in mb]
         if fast:
             ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id, len(mb))

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from pmaccel.samples import batch_end
+
 logger = logging.getLogger("pmaccel")
 
 
@@ -50,22 +52,6 @@ def shard(accelerator: Any, indices: Sequence[int]) -> list[int]:
         return []
     with accelerator.split_between_processes(list(indices), apply_padding=True) as mine:
         return list(dict.fromkeys(mine))
-
-
-def batch_end(sizes: Sequence[int], start: int, batch_size: int, by_samples: bool) -> int:
-    """End (exclusive) of the batch that starts at ``start``: ``batch_size`` samples, or, when not
-    ``by_samples``, as many samples as fit in ``batch_size`` branches (at least one).
-
-    ``sizes`` are the samples' branch counts. The rule is the one ``pmaccel.generate`` uses for its
-    micro-batches, so a batch formed here is one forward batch there.
-    """
-    if by_samples:
-        return min(start + batch_size, len(sizes))
-    end, load = start, 0
-    while end < len(sizes) and (end == start or load + sizes[end] <= batch_size):
-        load += sizes[end]
-        end += 1
-    return end
 
 
 def run_batches(

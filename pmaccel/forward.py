@@ -41,11 +41,12 @@ class ModelCall:
 
     def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None):
         """input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; query meta [B, Q]; key meta [B, S] (every
-        slot the cache will hold after this call); query_slot: [B, Q]. Returns logits [B, Q', V]
-        (Q' = len(keep) when ``keep`` selects query columns)."""
+        slot the cache will hold after this call); query_slot: [B, Q]; ``cache=None``: no KV cache (one
+        full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns)."""
         mask = additive_mask(allowed(query, keys, query_slot, self.mask), self.dtype)  # [B, 1, Q, S]
-        kwargs = {self.cache_name: cache}
+        kwargs: dict[str, Any] = {} if cache is None else {self.cache_name: cache}
         if keep is not None:
             kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=cache is not None, **kwargs)
         return out.logits

@@ -205,22 +205,22 @@ def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: 
     Returns:
         ``[sample][branch][token]`` log-probs (float32 log-softmax of the logits).
     """
-    from pmaccel.layout import additive_mask, allowed, collate
+    from pmaccel.forward import ModelCall
+    from pmaccel.layout import TokenMeta, collate
 
     batch = collate([p.packed for p in packs], pad_id)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    meta = batch.meta
+    device = next(model.parameters()).device
+    meta = TokenMeta(*(t.to(device) for t in batch.meta.astuple()))
     n = batch.input_ids.shape[1]
-    attn = additive_mask(allowed(meta, meta, torch.arange(n).expand(len(packs), n), mask), dtype)  # [B, 1, N, N]
     rows = [b for b, p in enumerate(packs) for cols in p.scored_from for _ in cols]
     cols = [c for p in packs for cs in p.scored_from for c in cs]
     ids = [t for p in packs for ts in p.targets for t in ts]
     keep = sorted(set(cols))  # only the logits that score something: [B, K, V]
     where = {c: i for i, c in enumerate(keep)}
     with torch.inference_mode():
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=attn.to(device),
-                       position_ids=batch.positions(rope_2d).to(device), use_cache=False,
-                       logits_to_keep=torch.tensor(keep, device=device)).logits
+        logits = ModelCall.of(model, mask)(batch.input_ids.to(device), batch.positions(rope_2d).to(device), meta,
+                                           meta, torch.arange(n, device=device).expand(len(packs), n), None,
+                                           keep=torch.tensor(keep, device=device))
         picked = logits[torch.tensor(rows, device=device), torch.tensor([where[c] for c in cols], device=device)]
         lp = torch.log_softmax(picked.float(), dim=-1)  # [E, V]
         flat = lp.gather(-1, torch.tensor(ids, device=device)[:, None])[:, 0].cpu().tolist()  # [E]
@@ -278,20 +278,10 @@ def score_samples(
         ...                             "branches": [" Paris", " Rome"]}])[0]["logprobs"]  # doctest: +SKIP
         [-1.9, -7.4]
     """
-    from pmaccel.decode import sample_seed
-    from pmaccel.distribute import batch_end
-    from pmaccel.layout import MASKS
-    from pmaccel.rope import is_rope_2d
+    from pmaccel.decode import check_call, sample_seed
+    from pmaccel.samples import batch_end
 
-    rope_2d = is_rope_2d(model)
-    mask = mask or ("columnar" if rope_2d else "isolated")
-    if mask not in MASKS:
-        raise PMAccelError(f"unknown mask {mask!r}; use one of {', '.join(MASKS)}", field="mask")
-    if batch_size < 1:
-        raise PMAccelError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
-    indices = list(range(len(samples))) if indices is None else list(indices)
-    if len(indices) != len(samples):
-        raise PMAccelError(f"got {len(indices)} indices for {len(samples)} samples", field="indices")
+    rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
     packs = []
     for i, s in zip(indices, samples):
         try:

@@ -88,6 +88,22 @@ def ids_sample(main: list[int] | None, *branches: list[int]) -> dict:
     return s
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama and a word-level tokenizer saved as a model directory (tests/helpers_infer.py)."""
+    from helpers_infer import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A JSONL file of parallel and flat rows (tests/helpers_infer.py's MIXED_ROWS)."""
+    from helpers_infer import MIXED_ROWS, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded SmolLM2-135M-Instruct (fp32, CPU), loaded once for the whole run."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_infer import MIXED_ROWS, read_jsonl, save_tiny_model, write_jsonl
+from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 
 import pmaccel.model
 from pmaccel.cli import main
@@ -23,11 +23,6 @@ from pmaccel.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def console_script() -> str:

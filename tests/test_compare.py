@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
-from helpers_infer import MIXED_ROWS, read_jsonl, save_tiny_model, write_jsonl
+from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 
 import pmaccel
 import pmaccel.model
@@ -20,16 +20,6 @@ from pmaccel.rope import is_rope_2d, patch_rope
 from pmaccel.rows import example_path
 from pmaccel.run import infer
 from pmaccel.samples import tokenize_sample
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
 
 
 @pytest.fixture(scope="module")

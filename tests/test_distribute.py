@@ -12,22 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_infer import MIXED_ROWS, save_tiny_model, write_jsonl
+from helpers_infer import MIXED_ROWS, write_jsonl
 
 from pmaccel import distribute, output
 from pmaccel.run import infer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
 
 
 # ----------------------------------------------------------------------------- the batch loop

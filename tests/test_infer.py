@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers_infer import MIXED_ROWS, read_jsonl, save_tiny_model, write_jsonl
+from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 from test_distribute import launch
 
 import pmaccel
@@ -15,16 +15,6 @@ import pmaccel.decode
 from pmaccel.errors import PMAccelError
 from pmaccel.run import infer
 from pmaccel.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("data") / "mixed.jsonl", MIXED_ROWS)
 
 
 @pytest.fixture

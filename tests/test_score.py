@@ -163,11 +163,6 @@ ROWS = [  # 8 samples with branches_per_sample=2: parallel rows, an MC row, flat
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "score.jsonl", ROWS)
 
