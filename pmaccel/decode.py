@@ -372,7 +372,9 @@ def generate(
         mb, start = order[start:end], end
         mb_packs, mb_indices = [packs[i] for i in mb], [indices[i] for i in mb]
         if fast:
-            ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id, len(mb))
+            # rows up to the configured batch (a power of two below it): a short last batch reuses the graph
+            max_rows = batch_size if batch_by_samples else len(mb)
+            ids_per_sample, reasons = decode_batch_fast(model, mb_packs, mb_indices, opts, pad_id, max_rows)
         else:
             prompts = [[tokenized[i].main + b for b in tokenized[i].branches] for i in mb]
             ids_per_sample, reasons = decode_batch(model, mb_packs, prompts, mb_indices, opts, pad_id, on_step)

@@ -10,7 +10,8 @@ Same contract and same results as ``decode.decode_batch`` (the reference path), 
   graph; the host only checks every few steps whether anything is still running;
 - masks and positions are built on the device from per-slot metadata, as in the reference path.
 
-Shapes are bucketed (B to a power of two, S to a multiple of 256) so a run captures a few graphs.
+Shapes are bucketed (B to a power of two up to the batch size, the rows past the samples being
+padding; S to a multiple of 256) so a run captures a few graphs.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def decode_batch_fast(
     device = next(model.parameters()).device
     use_graph = device.type == "cuda" if use_graph is None else use_graph
     compile = COMPILE if COMPILE is not None else use_graph and opts.max_new_tokens >= COMPILE_MIN_STEPS
-    B = min(_next_pow2(len(packs)), max(max_batch, len(packs)))
+    B = max(min(_next_pow2(len(packs)), max_batch), len(packs))  # rows past the samples are padding
     K = max(len(p.branch_ids) for p in packs)
     n = max(p.num_tokens for p in packs)
     # every step takes K slots; two more steps' worth for the warm-up before a capture
