@@ -1,6 +1,7 @@
 """The fast decode path: pre-allocated KV slots, fixed-shape steps, the whole step as one CUDA graph.
 
-Same contract and same results as ``decode.decode_batch`` (the reference path), organised for the GPU:
+Same contract as ``decode.decode_batch`` (the reference path) and, in float32, the same tokens;
+organised for the GPU:
 
 - a batch of B samples with at most K branches gets a slot cache of S positions per row
   (``S >= prompt + K * max_new_tokens``); every step writes K slots per row, one column per branch
