@@ -72,3 +72,25 @@ MIXED_ROWS = [
     {"id": "f4", "text": "one two three"},
     {"id": "f5", "text": "the city at night"},
 ]
+
+
+def _call_in_rank(fn, kwargs):  # runs in each forked process
+    fn(**kwargs)
+
+
+def launch(fn, num_processes, **kwargs):
+    """``fn(**kwargs)`` (``infer`` or ``score``) in one process, or in several forked CPU ranks with
+    accelerate's ``debug_launcher`` (gloo)."""
+    if num_processes == 1:
+        return fn(**kwargs)
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState, PartialState
+
+    # forked ranks must not inherit this process's (single-process) Accelerate state
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    try:
+        debug_launcher(_call_in_rank, args=(fn, kwargs), num_processes=num_processes)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers_infer
 import pytest
 import torch
 from helpers_infer import MIXED_ROWS, write_jsonl
@@ -74,25 +75,8 @@ def test_gather_in_one_process_dedupes_and_sorts():
 # ----------------------------------------------------------------------------- whole runs, several processes
 
 
-def _infer_in_rank(kwargs):  # runs in each forked process
-    infer(**kwargs)
-
-
 def launch(num_processes, **kwargs):
-    """``infer(**kwargs)`` in one process, or in several with accelerate's ``debug_launcher`` (gloo)."""
-    if num_processes == 1:
-        return infer(**kwargs)
-    from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState, PartialState
-
-    # forked ranks must not inherit this process's (single-process) Accelerate state
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    try:
-        debug_launcher(_infer_in_rank, args=(kwargs,), num_processes=num_processes)
-    finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+    return helpers_infer.launch(infer, num_processes, **kwargs)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 20, "top_p": 0.95}], ids=["greedy", "sampled"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import helpers_infer
 import pytest
 import torch
 from conftest import IdsTokenizer, tiny_model
@@ -190,24 +191,8 @@ def single_loop_reference(model, tok, rows):
     return math.exp(-total / count), count
 
 
-def _score_in_rank(kwargs):  # runs in each forked process
-    score(**kwargs)
-
-
 def launch_score(num_processes, **kwargs):
-    """``score(**kwargs)`` in one process, or in several with accelerate's ``debug_launcher`` (gloo)."""
-    if num_processes == 1:
-        return score(**kwargs)
-    from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)  # forked ranks must not inherit this process's Accelerate state
-    PartialState._reset_state()
-    try:
-        debug_launcher(_score_in_rank, args=(kwargs,), num_processes=num_processes)
-    finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+    return helpers_infer.launch(score, num_processes, **kwargs)
 
 
 def test_perplexity_is_the_same_on_1_2_and_3_processes_and_equals_a_single_loop(tiny, rows_file, tmp_path):
