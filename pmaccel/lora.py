@@ -124,7 +124,7 @@ def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _peft_rank(p: Path) -> int:
     try:
         return int(json.loads((p / "adapter_config.json").read_text())["r"])
-    except Exception as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PMAccelError(f"cannot read 'r' from adapter_config.json: {e}", file=str(p)) from e
 
 
