@@ -94,3 +94,23 @@ def launch(fn, num_processes, **kwargs):
     finally:
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
+
+
+def hf_alone(model, tok, rows, max_new_tokens: int) -> list[list[list[int]]]:
+    """Independent reference: each branch of each row continued alone by transformers' greedy
+    ``model.generate`` on main + branch ids; the ids generated before the first EOS."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    out = []
+    for row in rows:
+        main_ids = tok(row.get("main", ""), add_special_tokens=False)["input_ids"]
+        per_branch = []
+        for branch in row["branches"]:
+            ids = torch.tensor([main_ids + tok(branch, add_special_tokens=False)["input_ids"]])
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            per_branch.append(new[:next((i for i, t in enumerate(new) if t in eos), len(new))])
+        out.append(per_branch)
+    return out

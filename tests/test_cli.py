@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import helpers_infer
 import pytest
 from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 
@@ -157,23 +158,9 @@ def test_kill_9_then_resume_gives_the_same_file(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def hf_reference():
     """Each branch of the example file continued alone by ``model.generate`` on main + branch ids (greedy)."""
-    import torch
-
     model, tok = pmaccel.model.load_model(dtype="float32", device="cpu")
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos)
-    outputs = []
-    for row in read_jsonl(example_path()):
-        main_ids = tok(row.get("main", ""), add_special_tokens=False)["input_ids"]
-        texts = []
-        for branch in row["branches"]:
-            ids = torch.tensor([main_ids + tok(branch, add_special_tokens=False)["input_ids"]])
-            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-            new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
-            texts.append(tok.decode(new, skip_special_tokens=True))
-        outputs.append(texts)
-    return outputs
+    ids = helpers_infer.hf_alone(model, tok, read_jsonl(example_path()), max_new_tokens=8)
+    return [[tok.decode(x, skip_special_tokens=True) for x in per_branch] for per_branch in ids]
 
 
 @pytest.mark.slow

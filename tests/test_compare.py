@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import helpers_infer
 import pytest
 import torch
 from conftest import tiny_model
@@ -94,19 +95,7 @@ NEW_TOKENS = 10
 def alone(smollm2):
     """Each branch of the example file continued alone by HF ``model.generate`` on main + branch (greedy)."""
     model, tok = smollm2
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos)
-    out = []
-    for row in read_jsonl(example_path()):
-        main_ids = tok(row.get("main", ""), add_special_tokens=False)["input_ids"]
-        per_branch = []
-        for branch in row["branches"]:
-            ids = torch.tensor([main_ids + tok(branch, add_special_tokens=False)["input_ids"]])
-            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-            per_branch.append(new[:next((i for i, t in enumerate(new) if t in eos), len(new))])
-        out.append(per_branch)
-    return out
+    return helpers_infer.hf_alone(model, tok, read_jsonl(example_path()), max_new_tokens=NEW_TOKENS)
 
 
 @pytest.mark.slow
