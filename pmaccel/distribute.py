@@ -96,6 +96,13 @@ def run_batches(
     return batch_size
 
 
+def gather_phases(accelerator: Any, phases: dict[str, float]) -> list[dict[str, float]]:
+    """Every rank's phase timings, in rank order, on every rank (small: one dict per rank)."""
+    from accelerate.utils import gather_object
+
+    return [p for _, p in sorted(gather_object([(accelerator.process_index, phases)]))]
+
+
 def gather_results(accelerator: Any, local: Iterable[tuple[int, Any]]) -> list[tuple[int, Any]]:
     """All ranks' ``(sample index, result)`` pairs, on every rank, one per index, sorted by index.
 

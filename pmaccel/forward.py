@@ -1,6 +1,6 @@
 """One model call over packed tokens: positions and the packed mask go with every forward.
 
-Shared by the reference decode path (``decode.py``) and the fast path (``fast.py``).
+Used by the decode engine (``engine.py``), scoring and the attention views.
 """
 
 from __future__ import annotations
@@ -39,14 +39,27 @@ class ModelCall:
         dtype = next(model.parameters()).dtype
         return cls(model, mask, dtype, _cache_name(type(_base(model))))
 
-    def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None):
+    def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None,
+                 select=None):
         """input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; query meta [B, Q]; key meta [B, S] (every
         slot the cache will hold after this call); query_slot: [B, Q]; ``cache=None``: no KV cache (one
-        full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns)."""
+        full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns),
+        or [E, V] when ``select = (rows [E], columns [E])`` picks single tokens: the output layer then
+        runs on those E hidden states only."""
         mask = additive_mask(allowed(query, keys, query_slot, self.mask), self.dtype)  # [B, 1, Q, S]
         kwargs: dict[str, Any] = {} if cache is None else {self.cache_name: cache}
         if keep is not None:
             kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=cache is not None, **kwargs)
-        return out.logits
+        hook = None
+        if select is not None:
+            rows, cols = select
+            # hidden [B, Q, H] -> [1, E, H] before the output layer (any soft-capping after it still applies)
+            hook = self.model.get_output_embeddings().register_forward_pre_hook(
+                lambda _module, args: (args[0][rows, cols][None], *args[1:]))
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=cache is not None, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out.logits[0] if select is not None else out.logits

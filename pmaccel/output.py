@@ -64,7 +64,7 @@ def errors_path(out_path: Path) -> Path:
 
 
 def summary_path(out_path: Path) -> Path:
-    """Where a run with dataset totals (``pmaccel score``, ``--compare``, ``--leakage``) writes its summary."""
+    """Where a run writes its summary (counts, dataset totals, per-rank timings)."""
     return out_path.with_name(out_path.name + ".summary.json")
 
 

@@ -14,6 +14,7 @@ decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,11 @@ from pmaccel import distribute, output
 from pmaccel.errors import PMAccelError
 from pmaccel.rows import Grouping, Row, Sample, Skipped, Table, make_samples, read_rows
 from pmaccel.settings import Settings, settings_from_kwargs
+
+logger = logging.getLogger("pmaccel")
+WRITE_EVERY_S = 1.0  # part files are appended and fsynced at most this often (and at the end)
+EXTRAS_CHUNK = 32  # --compare/--leakage run on this many finished samples at a time
+ENGINE_PHASES = ("capture_s", "prefill_s", "decode_s", "steps", "rows", "lanes")
 
 
 @dataclasses.dataclass
@@ -42,6 +48,7 @@ class Summary:
     job: str = "pmaccel"  # "pmaccel" (infer) or "pmaccel score"
     totals: dict[str, Any] = dataclasses.field(default_factory=dict)  # dataset totals (score, compare, leakage)
     notes: list[str] = dataclasses.field(default_factory=list)  # the totals, in words
+    phases: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per rank: seconds per phase
 
     @property
     def tokens_per_s(self) -> float:
@@ -116,21 +123,59 @@ class Job:
         """``row -> tokens`` for ``make_samples`` (checks a row for this job); ``None``: prompt tokens."""
         return None
 
-    def run_batch(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
-                  batch_size: int) -> list[dict]:
-        """The results of a few samples (one per sample, in order)."""
-        from pmaccel import compare, decode
+    def run_samples(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
+                    on_results: Callable[[list[tuple[int, dict]]], None]) -> dict[str, float]:
+        """Compute every sample's result; hand finished ones to ``on_results`` as ``(position, result)``
+        pairs as they come (the caller writes them out). Returns the engine's timings.
 
-        inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
-        results = decode.generate(model, tokenizer, inputs, indices=indices, batch_size=batch_size,
-                                  **_generate_kwargs(settings))
-        compact = [output.compact_result(r) for r in results]
-        if settings.compare:
-            compare.add_reference(compact, results, model, tokenizer, inputs, indices=indices, batch_size=batch_size,
-                                  **_generate_kwargs(settings))
-        if settings.leakage:
-            compare.add_leakage(compact, results, model, tokenizer, inputs, indices, settings)
-        return compact
+        Decoding runs on one engine for the whole share (continuous batching); an out-of-memory error
+        releases it and goes on with half the rows, keeping what had finished.
+        """
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        from pmaccel import decode
+        from pmaccel.engine import Engine
+
+        engine = Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+        extras = _Extras(settings, model, tokenizer) if settings.compare or settings.leakage else None
+        held: list[tuple[int, dict]] = []  # finished, waiting for their --compare/--leakage extras
+
+        def finished(i: int, result: dict) -> None:
+            if extras is None:
+                on_results([(i, output.compact_result(result))])
+                return
+            held.append((i, result))
+            if len(held) >= EXTRAS_CHUNK:
+                on_results(extras([(j, samples[j], r) for j, r in held]))
+                held.clear()
+
+        todo = list(range(len(samples)))
+        try:
+            while todo:
+                done: set[int] = set()
+                try:
+                    for pos, result in decode.decode_stream(
+                            model, tokenizer, [samples[i].as_input() for i in todo],
+                            indices=[samples[i].index for i in todo], engine=engine, **_generate_kwargs(settings)):
+                        done.add(todo[pos])
+                        finished(todo[pos], result)
+                    todo = []
+                except RuntimeError as e:
+                    rows = int(engine.stats["rows"])
+                    if not should_reduce_batch_size(e) or rows <= 1:
+                        raise
+                    engine.release()
+                    clear_device_cache(garbage_collection=True)
+                    engine.config.max_rows = max(1, rows // 2)
+                    logger.warning("out of memory; going on with %d rows", engine.config.max_rows)
+                    todo = [i for i in todo if i not in done]
+            if held:
+                on_results(extras([(j, samples[j], r) for j, r in held]))
+            return {k: float(engine.stats[k]) for k in ENGINE_PHASES}
+        finally:
+            engine.release()
+            if extras:
+                extras.engine.release()
 
     def tokens(self, result: dict) -> int:
         """What a result counts toward the progress bar's tokens/s."""
@@ -175,6 +220,31 @@ def _generate_kwargs(settings: Settings) -> dict[str, Any]:
     )
 
 
+class _Extras:
+    """``--compare`` / ``--leakage`` for one finished sample (the reference decode has its own engine)."""
+
+    def __init__(self, settings: Settings, model: Any, tokenizer: Any):
+        from pmaccel import decode
+        from pmaccel.engine import Engine
+
+        self.settings, self.model, self.tokenizer = settings, model, tokenizer
+        self.engine = Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+
+    def __call__(self, items: list[tuple[int, Sample, dict]]) -> list[tuple[int, dict]]:
+        """``(position, sample, full result)`` -> ``(position, compact result with the extras)``."""
+        from pmaccel import compare
+
+        positions, samples, results = zip(*items)
+        compact = [output.compact_result(r) for r in results]
+        inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
+        if self.settings.compare:
+            compare.add_reference(compact, results, self.model, self.tokenizer, inputs, indices=indices,
+                                  engine=self.engine, **_generate_kwargs(self.settings))
+        if self.settings.leakage:
+            compare.add_leakage(compact, results, self.model, self.tokenizer, inputs, indices, self.settings)
+        return list(zip(positions, compact))
+
+
 def run_job(settings: Settings, job: Job) -> Records | None:
     """Run ``job`` over the rows of ``settings.data_path`` and write its ordered, resumable output.
 
@@ -183,36 +253,45 @@ def run_job(settings: Settings, job: Job) -> Records | None:
     """
     job.check(settings)
     started = time.perf_counter()
+    clock = _Phases()
     accelerator = _make_accelerator(settings)
     out_path = output.check_writable(settings.out_path)  # before the model loads
     with accelerator.main_process_first():  # datasets' cache is built once
         table = read_rows(job.data_path(settings), on_error=settings.on_error, num_workers=settings.num_workers)
     if not table.rows and not table.skipped:
         raise PMAccelError("the file has no rows", file=table.path)
+    clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
+    clock.mark("load_s")
     samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings),
                                     job.counter(tokenizer, settings))
     keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore)
+    clock.mark("tokenize_s")
 
     done = _resume_state(settings, accelerator, out_path, keys)
     owners = distribute.agree_on_done(accelerator, done)
     todo = [s.index for s in samples if s.index not in owners]
     mine = distribute.shard(accelerator, todo)
     mine.sort(key=lambda i: -samples[i].num_tokens)  # similar lengths batch together; an OOM shows early
-    fresh = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys, out_path)
+    clock.mark("shard_s")
+    fresh, timings = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys,
+                               out_path)
+    clock.mark("run_s")
+    clock.phases.update(timings, samples=len(mine))
 
     local = [(i, (r, True)) for i, r in fresh.items()]
     local += [(i, (r, False)) for i, r in done.items() if owners[i] == accelerator.process_index]
     merged = distribute.gather_results(accelerator, local)
+    clock.mark("gather_s")
+    phases = distribute.gather_phases(accelerator, clock.phases)
     records = None
     if accelerator.is_main_process:
         records = _write_outputs(out_path, table, samples, merged, skipped, job, settings)
+        phases[0]["write_s"] = clock.mark("write_s")
         records.summary = _summary(records, table, samples, skipped, merged, started, out_path, job, settings)
-        if records.summary.totals:
-            output.write_json(output.summary_path(out_path), {**dataclasses.asdict(records.summary),
-                                                              "tokens_per_s": records.summary.tokens_per_s})
-        else:
-            output.summary_path(out_path).unlink(missing_ok=True)  # from an earlier run
+        records.summary.phases = phases
+        output.write_json(output.summary_path(out_path), {**dataclasses.asdict(records.summary),
+                                                          "tokens_per_s": records.summary.tokens_per_s})
         print(records.summary, flush=True)
     accelerator.wait_for_everyone()  # the output is in place: the part files can go
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -220,6 +299,20 @@ def run_job(settings: Settings, job: Job) -> Records | None:
     if accelerator.is_main_process:
         output.remove_part_files(output.find_part_files(out_path))
     return records
+
+
+class _Phases:
+    """Wall-clock seconds of a rank's phases (read, load, tokenize, run, gather, write), as marked."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._last, 3)
+        self._last = now
+        return self.phases[name]
 
 
 def _make_accelerator(settings: Settings) -> Any:
@@ -267,34 +360,44 @@ def _resume_state(settings: Settings, accelerator: Any, out_path: Path,
 
 
 def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokenizer: Any, samples: list[Sample],
-              keys: Sequence[str], out_path: Path) -> dict[int, dict]:
-    """Run this rank's samples batch by batch, appending each batch to the rank's part file."""
+              keys: Sequence[str], out_path: Path) -> tuple[dict[int, dict], dict[str, float]]:
+    """Run this rank's samples, appending results to the rank's part file as they finish (fsynced at
+    most every WRITE_EVERY_S seconds, and always before an error propagates). Returns the results by
+    sample index and the job's timings."""
     from tqdm.auto import tqdm
 
     fresh: dict[int, dict] = {}
     world = accelerator.num_processes
     bar = tqdm(total=len(samples), unit="sample", disable=not accelerator.is_main_process,
                desc=job.name if world == 1 else f"{job.name} (rank 0 of {world})")
-    tokens, started = 0, time.perf_counter()
+    tokens, started, last_write = 0, time.perf_counter(), time.perf_counter()
+    unwritten: list[tuple[int, dict]] = []
 
-    def run_batch(start: int, end: int, batch_size: int) -> list[dict]:
-        return job.run_batch(settings, model, tokenizer, samples[start:end], batch_size)
+    def write() -> None:
+        nonlocal last_write
+        if unwritten:
+            writer.append((i, keys[i], r) for i, r in unwritten)
+            unwritten.clear()
+        last_write = time.perf_counter()
 
-    def on_batch(start: int, end: int, results: list[dict]) -> None:
+    def on_results(results: list[tuple[int, dict]]) -> None:
         nonlocal tokens
-        batch = [(s.index, r) for s, r in zip(samples[start:end], results)]
-        writer.append((i, keys[i], r) for i, r in batch)
+        batch = [(samples[pos].index, r) for pos, r in results]
+        unwritten.extend(batch)
         fresh.update(batch)
         tokens += sum(job.tokens(r) for _, r in batch)
-        bar.update(end - start)
-        rate = tokens / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(tokens_per_s=f"{rate:.1f}", refresh=False)
+        bar.update(len(batch))
+        bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.1f}", refresh=False)
+        if time.perf_counter() - last_write >= WRITE_EVERY_S:
+            write()
 
     part = output.part_path(out_path, accelerator.process_index, world)
     with output.PartWriter(part) as writer, bar:
-        distribute.run_batches([len(s.branches) for s in samples], run_batch, on_batch,
-                               batch_size=settings.batch_size, by_samples=settings.batch_by_samples)
-    return fresh
+        try:
+            timings = job.run_samples(settings, model, tokenizer, samples, on_results) if samples else {}
+        finally:
+            write()  # what finished is kept, also when the run stops on an error
+    return fresh, timings
 
 
 def _write_outputs(out_path: Path, table: Table, samples: list[Sample], merged: list[tuple[int, Any]],

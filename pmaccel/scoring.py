@@ -51,6 +51,7 @@ from pmaccel.settings import Settings
 
 SCORE_KEYS = ("logprobs", "num_target_tokens", "nlls")  # per branch, in a result / parallel row
 SCORE_FLAT_KEYS = ("logprob", "num_target_tokens", "nll")  # in a flat row
+SCORE_BATCH_SIZE = 16  # samples per scoring forward when --batch_size is automatic (0)
 DECODING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "compare", "leakage")
 
 
@@ -365,16 +366,26 @@ class ScoreJob(Job):
 
         return count
 
-    def run_batch(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
-                  batch_size: int) -> list[dict]:
-        results = score_samples(
-            model, tokenizer, [s.as_input() for s in samples], indices=[s.index for s in samples],
-            batch_size=batch_size, batch_by_samples=settings.batch_by_samples, mask=settings.mask,
-            chat_template=settings.chat_template, branch_stride=settings.branch_stride, align=settings.align,
-            interleave_branches=settings.interleave_branches, random_time_offset=settings.random_time_offset,
-            seed=settings.seed,
-        )
-        return [{"logprobs": r["logprobs"], "num_target_tokens": r["num_target_tokens"]} for r in results]
+    def run_samples(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
+                    on_results: Callable[[list[tuple[int, dict]]], None]) -> dict[str, float]:
+        """Score the samples batch by batch (one forward each; an OOM halves the batch)."""
+        from pmaccel.distribute import run_batches
+
+        def run_batch(start: int, end: int, batch_size: int) -> list[dict]:
+            batch = samples[start:end]
+            results = score_samples(
+                model, tokenizer, [s.as_input() for s in batch], indices=[s.index for s in batch],
+                batch_size=batch_size, batch_by_samples=settings.batch_by_samples, mask=settings.mask,
+                chat_template=settings.chat_template, branch_stride=settings.branch_stride, align=settings.align,
+                interleave_branches=settings.interleave_branches, random_time_offset=settings.random_time_offset,
+                seed=settings.seed,
+            )
+            return [{"logprobs": r["logprobs"], "num_target_tokens": r["num_target_tokens"]} for r in results]
+
+        run_batches([len(s.branches) for s in samples], run_batch,
+                    lambda start, end, results: on_results(list(zip(range(start, end), results))),
+                    batch_size=settings.batch_size or SCORE_BATCH_SIZE, by_samples=settings.batch_by_samples)
+        return {}
 
     def tokens(self, result: dict) -> int:
         return sum(result["num_target_tokens"])

@@ -36,8 +36,8 @@ class Settings:
 
     Example:
         >>> s = Settings(data_path="rows.jsonl", out_path="out.jsonl", max_new_tokens=32)
-        >>> s.batch_size
-        16
+        >>> s.max_new_tokens
+        32
     """
 
     # model
@@ -70,9 +70,10 @@ class Settings:
         0, "worker processes for loading parquet/csv/arrow data (0 or 1 = none)", result=False)
     # batching
     batch_size: int = _opt(
-        16, "samples per forward batch, or branches per batch with --no_batch_by_samples", result=False)
+        0, "the most samples decoded at once, or branches per step with --no_batch_by_samples; 0 = as many as "
+           "the device memory holds (pmaccel score: 16 per forward)", result=False)
     batch_by_samples: bool = _opt(
-        True, "batch_size counts samples; off: it caps the branches per batch", result=False)
+        True, "batch_size counts samples; off: it caps the branches per step", result=False)
     # layout and mask
     branch_stride: int = _opt(128, "2D RoPE branch position = branch_id * branch_stride")
     align: str = _opt(
@@ -140,7 +141,7 @@ def _check_ranges(s: Settings) -> None:
          f"{s.min_branches_per_sample}")
     need(s.max_total_tokens >= 0, "max_total_tokens", "0 (none) or more")
     need(s.num_workers >= 0, "num_workers", "0 or more")
-    need(s.batch_size >= 1, "batch_size", "at least 1")
+    need(s.batch_size >= 0, "batch_size", "0 (automatic) or more")
     need(s.branch_stride >= 1, "branch_stride", "at least 1")
     need(s.max_new_tokens >= 1, "max_new_tokens", "at least 1")
     need(s.temperature >= 0.0, "temperature", "0 (greedy) or more")

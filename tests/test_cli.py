@@ -117,12 +117,12 @@ def test_skip_writes_the_good_rows_and_an_errors_file(tiny, tmp_path, capsys):
 SLOW_CLI = textwrap.dedent("""
     import sys, time
     import pmaccel.decode
-    real = pmaccel.decode.generate
+    real = pmaccel.decode.decode_stream
     def slow(*args, **kwargs):
-        out = real(*args, **kwargs)
-        time.sleep(0.5)
-        return out
-    pmaccel.decode.generate = slow
+        for item in real(*args, **kwargs):
+            time.sleep(0.5)
+            yield item
+    pmaccel.decode.decode_stream = slow
     from pmaccel.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

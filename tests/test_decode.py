@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ids_sample, tiny_model
 
-import pmaccel.decode
+import pmaccel.engine
 from pmaccel import generate
 from pmaccel.errors import PMAccelError
 from pmaccel.rope import patch_rope
@@ -70,17 +70,17 @@ def test_extra_stop_ids(ids_tokenizer):
 
 
 def _record_step_logits(monkeypatch):
-    """Capture, at every step, the logits each active branch's token was chosen from."""
+    """Capture, at every step, the logits each running lane's token was chosen from, keyed by
+    (sample index, branch id, tokens generated so far)."""
     seen = []
-    real = pmaccel.decode.next_tokens
+    real = pmaccel.engine.choose_tokens
 
-    def spy(logits, branches, opts):
-        tokens = real(logits, branches, opts)
-        for e, b in enumerate(branches):
-            seen.append((b.index, b.branch_id, len(b.out), logits[e].clone()))
-        return tokens
+    def spy(opts, logits, history, index, branch, step, active):
+        for e in torch.nonzero(active).flatten().tolist():
+            seen.append((int(index[e]), int(branch[e]), int(step[e]), logits[e].float().clone()))
+        return real(opts, logits, history, index, branch, step, active)
 
-    monkeypatch.setattr(pmaccel.decode, "next_tokens", spy)
+    monkeypatch.setattr(pmaccel.engine, "choose_tokens", spy)
     return seen
 
 

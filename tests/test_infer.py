@@ -36,20 +36,24 @@ def reference(run, tmp_path):
     return (tmp_path / "reference.jsonl").read_bytes()
 
 
-def generate_counting(monkeypatch, fail_on_call=None, error=None):
-    """Wrap ``pmaccel.decode.generate``: count calls and samples, raise ``error`` on call ``fail_on_call``."""
-    real = pmaccel.decode.generate
-    seen = {"calls": 0, "samples": 0, "batch_sizes": []}
+DECODE_STREAM = pmaccel.decode.decode_stream
 
-    def wrapped(model, tokenizer, samples, **kwargs):
+
+def stream_counting(monkeypatch, fail_after=None, error=None):
+    """Wrap ``pmaccel.decode.decode_stream``: count the samples it yields; raise ``error`` once
+    ``fail_after`` samples have finished."""
+    real = DECODE_STREAM
+    seen = {"calls": 0, "samples": 0}
+
+    def wrapped(*args, **kwargs):
         seen["calls"] += 1
-        seen["batch_sizes"].append((len(samples), kwargs["batch_size"]))
-        if seen["calls"] == fail_on_call:
-            raise error
-        seen["samples"] += len(samples)
-        return real(model, tokenizer, samples, **kwargs)
+        for item in real(*args, **kwargs):
+            if seen["samples"] == fail_after:
+                raise error
+            seen["samples"] += 1
+            yield item
 
-    monkeypatch.setattr(pmaccel.decode, "generate", wrapped)
+    monkeypatch.setattr(pmaccel.decode, "decode_stream", wrapped)
     return seen
 
 
@@ -110,16 +114,16 @@ def test_public_infer_is_the_function_after_every_module_is_imported():
 
 
 def test_resume_after_a_crash_recomputes_only_the_unfinished_samples(run, reference, tmp_path, monkeypatch):
-    seen = generate_counting(monkeypatch, fail_on_call=3, error=RuntimeError("injected fault"))
+    seen = stream_counting(monkeypatch, fail_after=4, error=RuntimeError("injected fault"))
     (tmp_path / "out.jsonl").write_text("old output\n")
     with pytest.raises(RuntimeError, match="injected fault"):
         run()
-    assert seen["samples"] == 4  # two batches of 2 finished before the fault
+    assert seen["samples"] == 4  # four samples finished before the fault
     assert (tmp_path / "out.jsonl").read_text() == "old output\n", "the old output is untouched"
     [part] = parts(tmp_path)
     assert len(part.read_text().splitlines()) == 4
 
-    seen = generate_counting(monkeypatch)
+    seen = stream_counting(monkeypatch)
     records = run()  # resume is on by default when part files exist
     assert seen["samples"] == 3 and records.summary.samples_computed == 3 and records.summary.samples_resumed == 4
     assert (tmp_path / "out.jsonl").read_bytes() == reference
@@ -127,20 +131,20 @@ def test_resume_after_a_crash_recomputes_only_the_unfinished_samples(run, refere
 
 
 def test_a_line_cut_by_a_crash_is_ignored(run, reference, tmp_path, monkeypatch):
-    generate_counting(monkeypatch, fail_on_call=2, error=RuntimeError("injected fault"))
+    stream_counting(monkeypatch, fail_after=2, error=RuntimeError("injected fault"))
     with pytest.raises(RuntimeError):
         run()
     [part] = parts(tmp_path)
     whole = part.read_text()
     part.write_text(whole + whole.splitlines()[0][:25])  # half a line, no newline
-    seen = generate_counting(monkeypatch)
+    seen = stream_counting(monkeypatch)
     records = run()
     assert seen["samples"] == 5 and records.summary.samples_resumed == 2
     assert (tmp_path / "out.jsonl").read_bytes() == reference
 
 
 def test_resume_on_another_number_of_processes(run, reference, tmp_path, tiny, mixed, monkeypatch):
-    generate_counting(monkeypatch, fail_on_call=2, error=RuntimeError("injected fault"))
+    stream_counting(monkeypatch, fail_after=2, error=RuntimeError("injected fault"))
     with pytest.raises(RuntimeError):
         run()
     monkeypatch.undo()
@@ -151,19 +155,19 @@ def test_resume_on_another_number_of_processes(run, reference, tmp_path, tiny, m
 
 
 def test_results_from_other_settings_are_not_reused(run, tmp_path, monkeypatch):
-    generate_counting(monkeypatch, fail_on_call=3, error=RuntimeError("injected fault"))
+    stream_counting(monkeypatch, fail_after=4, error=RuntimeError("injected fault"))
     with pytest.raises(RuntimeError):
         run(max_new_tokens=4)
-    seen = generate_counting(monkeypatch)
+    seen = stream_counting(monkeypatch)
     records = run(batch_size=7)  # max_new_tokens differs; batch_size never changes a result
     assert seen["samples"] == 7 and records.summary.samples_resumed == 0
 
 
 def test_no_resume_starts_over(run, tmp_path, monkeypatch):
-    generate_counting(monkeypatch, fail_on_call=3, error=RuntimeError("injected fault"))
+    stream_counting(monkeypatch, fail_after=4, error=RuntimeError("injected fault"))
     with pytest.raises(RuntimeError):
         run()
-    seen = generate_counting(monkeypatch)
+    seen = stream_counting(monkeypatch)
     records = run(resume=False)
     assert seen["samples"] == 7 and records.summary.samples_computed == 7 and not parts(tmp_path)
 
@@ -180,12 +184,21 @@ def test_notebook_launcher_and_a_plain_call_write_the_same_file(run, reference, 
     assert (tmp_path / "nb.jsonl").read_bytes() == reference
 
 
-def test_oom_on_the_first_forward_is_retried_with_a_smaller_batch(run, reference, tmp_path, monkeypatch):
-    seen = generate_counting(monkeypatch, fail_on_call=1,
-                             error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
-    run(batch_size=4)
-    assert seen["batch_sizes"][:2] == [(4, 4), (2, 2)]  # the failed batch again, halved
-    assert all(n <= 2 for n, _ in seen["batch_sizes"][1:])
+def test_out_of_memory_halves_the_pool_and_goes_on(run, reference, tmp_path, monkeypatch):
+    import pmaccel.engine
+
+    real = pmaccel.engine.Runner.prefill
+    rows = []
+
+    def prefill(self, packs, *args, **kwargs):
+        rows.append(self.R)
+        if len(rows) == 2:  # the second admission, after the first samples finished
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, packs, *args, **kwargs)
+
+    monkeypatch.setattr(pmaccel.engine.Runner, "prefill", prefill)
+    run(batch_size=4, name="out.jsonl")
+    assert rows[:2] == [4, 4] and set(rows[2:]) == {2}, rows  # the pool goes on with half the rows
     assert (tmp_path / "out.jsonl").read_bytes() == reference
     assert not parts(tmp_path)
 

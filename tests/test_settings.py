@@ -30,7 +30,7 @@ def test_every_spec_flag_is_a_field_with_help():
 def test_defaults_come_only_from_the_dataclass():
     assert parse_settings([]) == Settings()
     s = Settings()
-    assert (s.rope_2d_ratio, s.batch_size, s.branch_stride, s.max_new_tokens, s.temperature) == (0.5, 16, 128, 128, 0.0)
+    assert (s.rope_2d_ratio, s.batch_size, s.branch_stride, s.max_new_tokens, s.temperature) == (0.5, 0, 128, 128, 0.0)
     assert (s.patch_rope, s.mask, s.resume, s.base_model, s.data_path) == (None, None, None, None, None)
     assert s.batch_by_samples and s.interleave_branches and not s.random_time_offset and not s.chat_template
 
@@ -79,7 +79,7 @@ def test_unknown_kwarg_is_named():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"batch_size": 0}, "batch_size"), ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
+    ({"batch_size": -1}, "batch_size"), ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
     ({"max_branches_per_sample": 2, "min_branches_per_sample": 3}, "max_branches_per_sample"),
     ({"on_error": "ignore"}, "on_error"), ({"dtype": "int8"}, "dtype"), ({"batch_size": "16"}, "batch_size"),
     ({"batch_size": True}, "batch_size"), ({"rope_2d_ratio": 0.0}, "rope_2d_ratio"), ({"out_path": ""}, "out_path"),

@@ -1,0 +1,485 @@
+"""The decode engine: continuous batching of samples over a fixed pool of rows and lanes.
+
+    Engine      what the caller holds: its configuration, the runners it built, ``stats``, ``release()``
+    Scheduler   (``Engine.run``) which pending samples enter which free rows, when rows are
+                compacted, how many rows the next steps run over
+    Runner      the device side: static buffers for R rows x K lanes x S key slots, the KV memory
+                (``SlotCache``), the step, one CUDA graph per row bucket
+
+A row holds one sample, a lane one of its branches. Every step emits one token for every running
+lane of every live row (SPEC §5): ``choose_tokens`` -> ``record`` -> ``step_inputs`` -> the model.
+When a sample's last branch ends, its row is freed and the next pending sample is prefilled into it;
+the step's shapes depend on the pool, never on the rows' contents, so a run captures at most one
+graph per row bucket (R, R/2, R/4, ...). Masks and positions are built on the device from per-slot
+metadata (``pmaccel.layout.allowed``), so a sample's tokens do not depend on its companions.
+
+The same step runs eagerly on the CPU (no graph), so there is one decode path everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from pmaccel.forward import ModelCall
+from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
+from pmaccel.sampling import draw, uniforms
+from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
+
+FINISH_REASONS = {1: "stop", 2: "length"}
+SLOT_ROUND = 64  # S is rounded up to a multiple of this
+PREFILL_LANES = 1024  # most branches in one prefill forward (bounds its [E, V] logits)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """How the engine sizes its pool and runs its step.
+
+    Args:
+        max_rows: most samples decoded at once (``None``: from the free memory and ``max_lanes``).
+        max_lanes: most branches per step (``None``: 2048 on a GPU, 64 on the CPU).
+        graphs: capture the step as CUDA graphs (``None``: on CUDA).
+        sync_every: steps between host checks for finished samples.
+        prefill_tokens: most padded prompt tokens in one prefill forward.
+        memory_fraction: share of the free device memory the pool (KV slots and logits) may take.
+    """
+
+    max_rows: int | None = None
+    max_lanes: int | None = None
+    graphs: bool | None = None
+    sync_every: int = 8
+    prefill_tokens: int = 8192
+    memory_fraction: float = 0.6
+
+
+# ----------------------------------------------------------------------------- state on the device
+
+
+@dataclasses.dataclass
+class State:
+    """Everything the step reads and writes; the leading dimension is the row. ``rows(n)`` views rows 0..n-1."""
+
+    keys: TokenMeta  # per key slot [R, S]
+    branch_id: torch.Tensor  # per lane [R, K]
+    bpos: torch.Tensor  # [R, K]
+    last_time: torch.Tensor  # [R, K] time of the lane's last token
+    ngen: torch.Tensor  # [R, K] tokens emitted
+    finish: torch.Tensor  # [R, K] 0 running, 1 stop, 2 length
+    active: torch.Tensor  # [R, K] bool: the lane's next token is still to be chosen
+    base: torch.Tensor  # [R, K] first slot of the lane's generated tokens
+    hist_len: torch.Tensor  # [R, K] main + branch prompt length (where generated ids go in `history`)
+    index: torch.Tensor  # [R] the sample's global index (-1: empty row); keys the sampling RNG
+    n_real: torch.Tensor  # [R] real tokens so far (pos1d continues from here)
+    out: torch.Tensor  # [R, K, G] generated ids
+    history: torch.Tensor  # [R, K, W] main + prompt + generated ids (repetition penalty), else [R, K, 0]
+    logits: torch.Tensor  # [R, K, V] the logits the next tokens are chosen from
+
+    @classmethod
+    def empty(cls, R: int, K: int, S: int, G: int, W: int, V: int, dtype: torch.dtype, device) -> State:
+        z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        state = cls(
+            keys=TokenMeta(time=z(R, S), branch=z(R, S), is_main=z(R, S, dt=torch.bool), valid=z(R, S, dt=torch.bool)),
+            branch_id=z(R, K), bpos=z(R, K), last_time=z(R, K), ngen=z(R, K), finish=z(R, K),
+            active=z(R, K, dt=torch.bool), base=z(R, K), hist_len=z(R, K), index=z(R), n_real=z(R),
+            out=z(R, K, G), history=z(R, K, W), logits=torch.zeros(R, K, V, dtype=dtype, device=device),
+        )
+        state.keys.branch.fill_(-1)
+        state.index.fill_(-1)
+        return state
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys.astuple(), *(getattr(self, f.name) for f in dataclasses.fields(self)[1:])]
+
+    def rows(self, n: int) -> State:
+        k = self.keys
+        return State(TokenMeta(k.time[:n], k.branch[:n], k.is_main[:n], k.valid[:n]),
+                     *(getattr(self, f.name)[:n] for f in dataclasses.fields(self)[1:]))
+
+
+# ----------------------------------------------------------------------------- the step functions
+
+
+def choose_tokens(opts: Any, logits: torch.Tensor, history: torch.Tensor, index: torch.Tensor,
+                  branch: torch.Tensor, step: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The next token of every lane. logits [E, V]; history [E, W]; index/branch/step/active [E] -> ids [E].
+
+    Greedy, or one draw keyed by (seed, sample index, branch id, step) from transformers' filtered
+    distribution (``pmaccel.sampling``). ``active`` marks the lanes whose token counts.
+    """
+    scores = logits
+    if opts.processors:
+        scores = opts.processors(history, scores.float())
+    if opts.greedy:
+        return scores.argmax(dim=-1)
+    return draw(scores, uniforms(opts.seed, index, branch, step))
+
+
+def record(s: State, tok: torch.Tensor, is_stop: torch.Tensor, max_new: int) -> None:
+    """Bookkeeping of the chosen tokens tok [n, K]: a stop id (``is_stop`` [V] bool) ends its lane (the
+    reason, not an output); any other token is recorded, and ends its lane at ``max_new`` tokens."""
+    stop = is_stop[tok] & s.active  # a table lookup: no sort, no host sync, whatever the number of stop ids
+    emit = s.active & ~stop
+    at = s.ngen.clamp(max=max_new - 1).unsqueeze(-1)  # [n, K, 1]
+    s.out.scatter_(2, at, torch.where(emit.unsqueeze(-1), tok.unsqueeze(-1), s.out.gather(2, at)))
+    if s.history.shape[-1]:
+        at = (s.hist_len + s.ngen).clamp(max=s.history.shape[-1] - 1).unsqueeze(-1)
+        s.history.scatter_(2, at, torch.where(emit.unsqueeze(-1), tok.unsqueeze(-1), s.history.gather(2, at)))
+    s.ngen += emit
+    full = emit & (s.ngen >= max_new)
+    s.finish.copy_(torch.where(stop, 1, torch.where(full, 2, s.finish)))
+    s.active.copy_(emit & ~full)
+
+
+def step_inputs(s: State, tok: torch.Tensor, scratch: int, rope_2d: bool):
+    """The step's new tokens: lane k of a row is column k; lanes that do not go on are padding.
+
+    Going lanes advance their time by one and continue pos1d from the row's real-token count, in
+    branch order. Their keys' metadata is written at their slots. Returns input_ids [n, K], positions
+    ([n, K, 3] or [n, K]), query meta [n, K] and slots [n, K].
+    """
+    going = s.active
+    s.last_time += going
+    order = going.long().cumsum(1)  # [n, K] rank among the row's going lanes
+    pos1d = s.n_real[:, None] + order - 1
+    s.n_real += order[:, -1]
+    slots = torch.where(going, s.base + s.ngen - 1, scratch)
+    query = TokenMeta(time=s.last_time.clone(), branch=torch.where(going, s.branch_id, -1),
+                      is_main=torch.zeros_like(going), valid=going.clone())
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+    for dst, src in zip(s.keys.astuple(), query.astuple()):
+        dst[rows, slots] = src
+    ids = torch.where(going, tok, 0)
+    return ids, stack_positions(pos1d, s.bpos, query.time, rope_2d), query, slots
+
+
+class Runner:
+    """Static buffers for R rows x K lanes x S slots, and the step over the first n rows (graphed per n)."""
+
+    def __init__(self, model: Any, opts: Any, R: int, K: int, S: int, W: int, graphs: bool):
+        self.call = ModelCall.of(model, opts.mask)
+        self.opts, self.R, self.K, self.S = opts, R, K, S
+        device = next(model.parameters()).device
+        V = model.get_output_embeddings().weight.shape[0]
+        self.state = State.empty(R, K, S, opts.max_new_tokens, W, V, self.call.dtype, device)
+        self.cache = SlotCache(R, S)
+        self.is_stop = torch.zeros(V, dtype=torch.bool, device=device)
+        self.is_stop[[i for i in opts.stop_ids if 0 <= i < V]] = True
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = graphs
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    # ------------------------------------------------------------------ the step (capturable)
+    def step(self, n: int) -> None:
+        """One decode step over rows 0..n-1: choose, record, feed back; leaves the next logits in the state."""
+        s, K, opts = self.state.rows(n), self.K, self.opts
+        flat = lambda t: t.reshape(n * K, *t.shape[2:])  # noqa: E731  [n, K, ...] -> [n*K, ...]
+        tok = choose_tokens(opts, flat(s.logits), flat(s.history), s.index[:, None].expand(n, K).reshape(-1),
+                            flat(s.branch_id), flat(s.ngen), flat(s.active)).view(n, K)
+        record(s, tok, self.is_stop, opts.max_new_tokens)
+        ids, positions, query, slots = step_inputs(s, tok, self.S - 1, opts.rope_2d)
+        self.cache.decode(slots)
+        s.logits.copy_(self.call(ids, positions, query, s.keys, slots, self.cache))
+
+    def run_steps(self, n: int, count: int) -> None:
+        graph = self.graphs.get(n)
+        for _ in range(count):
+            if graph is not None:
+                graph.replay()
+            else:
+                self.step(n)
+
+    def capture(self, buckets: Sequence[int]) -> None:
+        """Record the step over each bucket of rows as a CUDA graph; the pool must be empty (a step then
+        changes nothing that counts: no lane is active, scratch slots only)."""
+        assert not bool(self.state.active.any()), "capture needs an empty pool"
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for n in buckets:
+                self.step(n)  # warm-up: lazy allocations, cuBLAS handles
+        torch.cuda.current_stream().wait_stream(side)
+        for n in sorted(buckets, reverse=True):  # largest first: the others reuse its memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(n)
+            self.graphs[n] = graph
+
+    # ------------------------------------------------------------------ admission
+    def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:
+        """Run the packed prompts of new samples into ``rows`` and set their lanes running."""
+        s, dev, K, G = self.state, self.state.index.device, self.K, self.opts.max_new_tokens
+        batch = collate(packs, pad_id)
+        n = batch.input_ids.shape[1]
+        r = torch.tensor(rows, device=dev)
+        meta = TokenMeta(*(t.to(dev) for t in batch.meta.astuple()))
+        for dst, src, empty in zip(s.keys.astuple(), meta.astuple(), (0, -1, False, False)):
+            dst[r] = empty
+            dst[r, :n] = src
+        self.cache.prefill(r, n)
+        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d).to(dev)
+        b_idx = [b for b, p in enumerate(packs) for _ in p.last_index]  # logits only where a branch continues
+        cols = [c for p in packs for c in p.last_index]
+        logits = self.call(batch.input_ids.to(dev), positions, meta, meta, torch.arange(n, device=dev).expand(len(packs), n),
+                           self.cache, select=(torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev)))  # [E, V]
+        # per lane: [B, K] on the host, then one copy each
+        lane = lambda fill: torch.full((len(packs), K), fill, dtype=torch.long)  # noqa: E731
+        bid, bpos, ltime, base, hlen = lane(-1), lane(0), lane(0), lane(self.S - 1), lane(0)
+        active = torch.zeros(len(packs), K, dtype=torch.bool)
+        history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
+        k_idx = [k for p in packs for k in range(len(p.branch_ids))]
+        for b, p in enumerate(packs):
+            for k, (branch, last, t) in enumerate(zip(p.branch_ids, p.last_index, p.last_time)):
+                bid[b, k], bpos[b, k], ltime[b, k], active[b, k] = branch, int(p.bpos[last]), t, True
+                base[b, k] = p.num_tokens + k * G
+                if history.shape[-1]:
+                    h = p.input_ids[(p.branch == branch) | p.is_main]  # main then the branch, in time order
+                    history[b, k] = h[0]
+                    history[b, k, : h.numel()] = h
+                    hlen[b, k] = h.numel()
+        for dst, src in ((s.branch_id, bid), (s.bpos, bpos), (s.last_time, ltime), (s.active, active),
+                         (s.base, base), (s.hist_len, hlen), (s.history, history)):
+            dst[r] = src.to(dev)
+        for t in (s.ngen, s.finish, s.out):
+            t[r] = 0
+        s.index[r] = torch.tensor(indices, device=dev)
+        s.n_real[r] = torch.tensor([p.num_tokens for p in packs], device=dev)
+        s.logits[r] = 0
+        s.logits[r[b_idx], torch.tensor(k_idx, device=dev)] = logits.to(s.logits.dtype)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in self.state.tensors():
+            t[dst] = t[src]
+        self.cache.move_row(src, dst)
+
+    def clear_row(self, row: int) -> None:
+        s = self.state
+        s.active[row] = False
+        s.index[row] = -1
+        s.keys.valid[row] = False
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@dataclasses.dataclass
+class Result:
+    """One finished sample."""
+
+    position: int  # position of the sample in the ``run`` call
+    output_ids: list[list[int]]
+    finish_reasons: list[str]
+
+
+def _buckets(R: int) -> list[int]:
+    """Row counts the step runs over: R, R/2, R/4, ... down to 1 (at most ~log2 R graphs)."""
+    out, n = [], R
+    while n >= 1:
+        out.append(n)
+        n //= 2
+    return out
+
+
+class Engine:
+    """Decodes packed samples with continuous batching; holds runners, graphs and KV memory until released.
+
+    Args:
+        model: a causal LM (2D RoPE if patched; sdpa or eager attention).
+        config: pool sizes and step options; default ``EngineConfig()``.
+
+    Example:
+        >>> engine = Engine(model)  # doctest: +SKIP
+        >>> for r in engine.run(packs, indices, opts, pad_id=0): ...  # doctest: +SKIP
+        >>> engine.stats["steps"], engine.release()  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.device = next(model.parameters()).device
+        self.runner: Runner | None = None
+        self._runner_key: tuple | None = None
+        self.stats: dict[str, float] = {}
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.stats = dict(steps=0, capture_s=0.0, prefill_s=0.0, decode_s=0.0, prefills=0, rows=0, lanes=0,
+                          slots=0, samples=0, generated_tokens=0, graphs=0, row_moves=0)
+
+    def release(self) -> None:
+        """Free the KV memory, buffers and graphs (the OOM back-off calls this before retrying smaller)."""
+        self.runner, self._runner_key = None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ sizing
+    def _pool_size(self, packs: Sequence[PackedSample], opts: Any, K: int, S: int, W: int) -> int:
+        cfg = self.config
+        lanes = cfg.max_lanes or (2048 if self.device.type == "cuda" else 64)
+        R = max(1, min(len(packs), max(1, lanes // K), cfg.max_rows or len(packs)))
+        if self.device.type == "cuda":
+            V = self.model.get_output_embeddings().weight.shape[0]
+            itemsize = next(self.model.parameters()).element_size()
+            per_row = S * kv_bytes_per_slot(self.model) + K * V * (itemsize + 8) + K * (W + opts.max_new_tokens) * 8
+            free, _ = torch.cuda.mem_get_info(self.device)
+            R = max(1, min(R, int(free * cfg.memory_fraction) // per_row))
+        return R
+
+    def _runner(self, packs: Sequence[PackedSample], opts: Any) -> Runner:
+        G = opts.max_new_tokens
+        K = max(len(p.branch_ids) for p in packs)
+        need = max(p.num_tokens + len(p.branch_ids) * G for p in packs) + 1  # + the scratch slot
+        S = -(-need // SLOT_ROUND) * SLOT_ROUND
+        W = 0
+        if opts.processors and any(type(p).__name__ == "RepetitionPenaltyLogitsProcessor" for p in opts.processors):
+            W = max(int(((p.branch == b) | p.is_main).sum()) for p in packs for b in p.branch_ids) + G
+        R = self._pool_size(packs, opts, K, S, W)
+        graphs = self.config.graphs if self.config.graphs is not None else self.device.type == "cuda"
+        old = self.runner
+        if (old is not None and self._runner_key == (opts, graphs) and old.R >= R and old.K >= K and old.S >= S
+                and old.state.history.shape[-1] >= W and (W == 0) == (old.state.history.shape[-1] == 0)):
+            return old  # a later call that fits reuses the buffers and graphs
+        self.release()
+        t = time.perf_counter()
+        runner = Runner(self.model, opts, R, K, S, W, graphs)
+        if graphs:
+            runner.capture(_buckets(R))
+        self.stats["capture_s"] += time.perf_counter() - t
+        self.runner, self._runner_key = runner, (opts, graphs)
+        return runner
+
+    # ------------------------------------------------------------------ the scheduler
+    def run(self, packs: Sequence[PackedSample], indices: Sequence[int], opts: Any, *, pad_id: int = 0,
+            on_step: Callable[[int, list[dict]], None] | None = None) -> Iterator[Result]:
+        """Decode ``packs`` (``indices``: their global sample indices); yields each sample as it finishes.
+
+        Args:
+            packs: the packed prompts.
+            indices: each sample's global index (seeds its sampling RNG).
+            opts: a ``pmaccel.decode.DecodeOptions``.
+            pad_id: the id that pads prompts in a prefill batch.
+            on_step: called after every step with ``(step, partial results of the samples in the pool)``;
+                steps then run one at a time with a host check after each.
+        """
+        if not packs:
+            return
+        batches = self._run(list(packs), list(indices), opts, pad_id, on_step)
+        while True:
+            # the engine's own modes hold only while its code runs, not while the caller handles results
+            with torch.inference_mode(), grouped_attention(self.model):
+                finished = next(batches, None)
+            if finished is None:
+                return
+            yield from finished
+
+    def _run(self, packs, indices, opts, pad_id, on_step) -> Iterator[list[Result]]:
+        runner = self._runner(packs, opts)
+        st, cfg = self.stats, self.config
+        st.update(rows=runner.R, lanes=runner.R * runner.K, slots=runner.S, graphs=len(runner.graphs))
+        # longest first: the tail of the run holds the short ones
+        pending = sorted(range(len(packs)), key=lambda i: -(packs[i].num_tokens + len(packs[i].branch_ids)))
+        pending.reverse()  # pop() from the end
+        free = list(range(runner.R - 1, -1, -1))  # pop() gives the lowest row
+        live: dict[int, int] = {}  # row -> position in packs
+        sync = 1 if on_step is not None else max(1, cfg.sync_every)
+        steps = 0
+        while pending or live:
+            # admit: fill free rows when enough are free (or nothing runs); prefill in chunks
+            if pending and free and (not live or len(free) >= max(1, runner.R // 8) or len(free) >= len(pending)):
+                t = time.perf_counter()
+                take = []
+                while pending and free:
+                    take.append((free.pop(), pending.pop()))
+                free.sort(reverse=True)
+                for chunk in _prefill_chunks(take, packs, cfg.prefill_tokens):
+                    rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
+                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
+                    live.update(chunk)
+                    st["prefills"] += 1
+                _sync(self.device)
+                st["prefill_s"] += time.perf_counter() - t
+            # decode a few steps over the smallest bucket that holds every live row
+            t = time.perf_counter()
+            n = _bucket_for(max(live) + 1, runner.R)
+            runner.run_steps(n, sync)
+            steps += sync
+            st["steps"] += sync
+            alive = runner.state.active[:n].any(1).tolist()
+            st["decode_s"] += time.perf_counter() - t
+            if on_step is not None:
+                on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
+            done = [r for r in sorted(live) if not alive[r]]
+            if done:
+                yield list(self._harvest(runner, done, live, packs))
+                free.extend(done)
+                free.sort(reverse=True)
+                if not pending:
+                    st["row_moves"] += _compact(runner, live, free)
+
+    def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], packs) -> Iterator[Result]:
+        s = runner.state
+        r = torch.tensor(done, device=s.out.device)
+        out, ngen, finish = s.out[r].cpu(), s.ngen[r].cpu(), s.finish[r].cpu()
+        for j, row in enumerate(done):
+            pos = live.pop(row)
+            runner.clear_row(row)
+            k_n = len(packs[pos].branch_ids)
+            ids = [out[j, k, : ngen[j, k]].tolist() for k in range(k_n)]
+            self.stats["samples"] += 1
+            self.stats["generated_tokens"] += sum(map(len, ids))
+            yield Result(pos, ids, [FINISH_REASONS[int(finish[j, k])] for k in range(k_n)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bucket_for(rows: int, R: int) -> int:
+    n = R
+    while n // 2 >= rows:
+        n //= 2
+    return n
+
+
+def _compact(runner: Runner, live: dict[int, int], free: list[int]) -> int:
+    """Move live rows down into free lower rows, so the steps run over a smaller bucket. Returns the moves."""
+    moves = 0
+    while live and free and min(free) < max(live):
+        src, dst = max(live), min(free)
+        runner.move_row(src, dst)
+        runner.clear_row(src)
+        live[dst] = live.pop(src)
+        free.remove(dst)
+        free.append(src)
+        moves += 1
+    free.sort(reverse=True)
+    return moves
+
+
+def _prefill_chunks(take: list[tuple[int, int]], packs, budget: int) -> Iterator[list[tuple[int, int]]]:
+    """Split (row, position) pairs into prefill batches of at most ``budget`` padded tokens (and at most
+    PREFILL_LANES branches, which bounds the logits)."""
+    take = sorted(take, key=lambda rp: -packs[rp[1]].num_tokens)  # similar lengths together: less padding
+    chunk: list[tuple[int, int]] = []
+    lanes = 0
+    for rp in take:
+        p = packs[rp[1]]
+        if chunk and ((len(chunk) + 1) * max(p.num_tokens, packs[chunk[0][1]].num_tokens) > budget
+                      or lanes + len(p.branch_ids) > PREFILL_LANES):
+            yield chunk
+            chunk, lanes = [], 0
+        chunk.append(rp)
+        lanes += len(p.branch_ids)
+    if chunk:
+        yield chunk
+
+
+def _partial(runner: Runner, row: int, index: int, k_n: int) -> dict:
+    s = runner.state
+    out, ngen, finish = s.out[row].cpu(), s.ngen[row].cpu(), s.finish[row].cpu()
+    return {"index": index, "output_ids": [out[k, : ngen[k]].tolist() for k in range(k_n)],
+            "finish_reasons": [FINISH_REASONS.get(int(finish[k])) for k in range(k_n)]}

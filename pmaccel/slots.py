@@ -1,0 +1,131 @@
+"""KV memory of the engine: a fixed number of key slots per row, written where the step says, and
+the attention over it without copying K/V once per query head.
+
+A row of the pool holds one sample::
+
+    slot  0 .. n-1                       the packed prompt (pos1d order)
+          n + k*G .. n + k*G + G-1       lane k's generated tokens (G = max_new_tokens)
+          S-1                            scratch: lanes that do not go on write here (never valid)
+
+so where a token lives depends only on its own sample, never on the other rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+GROUPED_SDPA = "pmaccel_grouped_sdpa"
+# Folded attention kernel: two GEMMs and a softmax ("matmul") beat torch's fused kernels ("sdpa") on
+# small decode steps and lose on large ones (H200, Qwen2.5-0.5B shape: docs/PERFORMANCE.md).
+MATMUL_ROWS = 2048  # matmul up to this many folded query rows (B * H * Q)
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA with a packed mask, without repeating K/V for every query head.
+
+    transformers' sdpa path copies K/V once per query head when a mask is given (GQA with a mask falls
+    back to the math kernel). Here the G query heads that share a KV head are folded into the query
+    length instead: query [B, H, Q, D] -> [B, H_kv, G*Q, D]; mask [B, 1, Q, S] -> [B, 1, G*Q, S].
+    """
+    b, h, q_len, d = query.shape
+    h_kv, s = key.shape[1], key.shape[2]
+    g = h // h_kv
+    if g == 1 or attention_mask is None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q = query.reshape(b, h_kv, g * q_len, d)
+    mask = attention_mask[:, :, None].expand(b, 1, g, q_len, s).reshape(b, 1, g * q_len, s)
+    if b * h * q_len > MATMUL_ROWS:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, H_kv, G*Q, Dv]
+    else:
+        scale = d**-0.5 if scaling is None else scaling
+        scores = torch.matmul(q, key.transpose(-1, -2)) * scale + mask  # [B, H_kv, G*Q, S]
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value)
+    return out.reshape(b, h, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+
+
+@contextlib.contextmanager
+def grouped_attention(model: Any):
+    """Run ``model`` with ``grouped_sdpa`` where it uses sdpa (the same attention, computed leaner)."""
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def kv_bytes_per_slot(model: Any) -> int:
+    """Bytes of K and V for one token over all layers (from the config; sizes the pool)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+class SlotCache:
+    """K/V of R rows x S slots per layer, for transformers' attention layers.
+
+    Duck-types the part of transformers' ``Cache`` that attention layers use (``update``). Before a
+    forward the caller says where its tokens go:
+
+    - ``decode(rows, slots)``: the step's queries of rows ``0..n-1`` go to ``slots`` [n, K]; attention
+      runs over those rows' S slots (the mask decides what is seen);
+    - ``prefill(rows, length)``: the prompts of ``rows`` [B] go to slots ``0..length-1``; a prompt
+      attends only to itself, so attention runs over the new keys alone.
+    """
+
+    def __init__(self, rows: int, max_slots: int):
+        self.rows, self.max_slots = rows, max_slots
+        self.keys: list[torch.Tensor] = []  # per layer [R, H_kv, S, D]
+        self.values: list[torch.Tensor] = []
+        self._target: tuple[str, torch.Tensor, torch.Tensor] | None = None
+
+    def decode(self, slots: torch.Tensor) -> None:
+        n = slots.shape[0]
+        rows = torch.arange(n, device=slots.device)[:, None].expand_as(slots)  # [n, K]
+        self._target = ("decode", rows, slots)
+
+    def prefill(self, rows: torch.Tensor, length: int) -> None:
+        slots = torch.arange(length, device=rows.device)[None, :].expand(rows.shape[0], length)  # [B, N]
+        self._target = ("prefill", rows[:, None].expand_as(slots), slots)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: [B, H_kv, Q, D]
+        if layer_idx == len(self.keys):  # allocated on first use
+            _, h, _, d = key_states.shape
+            self.keys.append(key_states.new_zeros(self.rows, h, self.max_slots, d))
+            self.values.append(value_states.new_zeros(self.rows, h, self.max_slots, value_states.shape[-1]))
+        assert self._target is not None, "SlotCache: decode() or prefill() before the forward"
+        kind, rows, slots = self._target
+        # advanced indices on dims 0 and 2 -> the indexed view is [B, Q, H_kv, D]
+        self.keys[layer_idx][rows, :, slots] = key_states.transpose(1, 2)
+        self.values[layer_idx][rows, :, slots] = value_states.transpose(1, 2)
+        if kind == "prefill":
+            return key_states, value_states
+        n = rows.shape[0]
+        return self.keys[layer_idx][:n], self.values[layer_idx][:n]
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in (*self.keys, *self.values):
+            t[dst] = t[src]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given explicitly
+
+    def __len__(self) -> int:
+        return len(self.keys)

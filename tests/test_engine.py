@@ -1,0 +1,132 @@
+"""The decode engine (continuous batching over a pool of rows and lanes) against independent references:
+transformers' ``generate`` per branch, and each sample decoded alone."""
+
+import pytest
+import torch
+from conftest import ids_sample, tiny_model
+from test_decode import SAMPLES, hf_generate, main_ids
+
+from pmaccel import generate
+from pmaccel.engine import Engine, EngineConfig, _buckets, _bucket_for
+from pmaccel.rope import patch_rope
+
+# more samples than the pool has rows, of different lengths and branch counts: rows free up at different
+# steps and the next samples are prefilled into them while the others decode
+MORE = SAMPLES + [
+    ids_sample([60, 61], [62], [63, 64], [65, 66, 67], [68], [69, 70]),
+    ids_sample(None, [71, 72]),
+    ids_sample([80, 81, 82, 83, 84, 85, 86], [87]),
+    ids_sample(None, [90], [91, 92, 93, 94, 95, 96, 97, 98, 99], [100]),
+    ids_sample([110, 111], [112, 113], [114]),
+]
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
+def test_continuous_batching_equals_hf_generate_isolated(arch, ids_tokenizer):
+    model = tiny_model(arch)
+    results = generate(model, ids_tokenizer, MORE, max_new_tokens=9, batch_size=3)
+    for s, r in zip(MORE, results, strict=True):
+        for b, got in zip(s["branches"], r["output_ids"], strict=True):
+            assert got == hf_generate(model, main_ids(s) + b["input_ids"], 9)
+
+
+def _with_stops(model, tokenizer):
+    """Make a token the model produces early an EOS, so branches and samples end at different steps."""
+    free = generate(model, tokenizer, MORE, max_new_tokens=4)
+    model.generation_config.eos_token_id = free[0]["output_ids"][0][1]
+
+
+@pytest.mark.parametrize("mask, align", [("columnar", "right"), ("columnar", "left"), ("isolated", "left")])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_sample_decodes_the_same_alone_and_in_any_pool(mask, align, sampled, ids_tokenizer):
+    model = tiny_model("qwen2")
+    patch_rope(model, 0.5)
+    _with_stops(model, ids_tokenizer)
+    kw = dict(max_new_tokens=20, mask=mask, align=align, seed=5, temperature=0.9 if sampled else 0.0,
+              top_k=40, top_p=0.9, branch_stride=32)
+    alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(MORE)]
+    assert any("stop" in r["finish_reasons"] for r in alone) and any("length" in r["finish_reasons"] for r in alone)
+    for batch_size in (1, 2, 3, 16):  # 16: every sample at once; 1-3: samples enter as others finish
+        got = generate(model, ids_tokenizer, MORE, batch_size=batch_size, **kw)
+        assert [r["output_ids"] for r in got] == [r["output_ids"] for r in alone]
+        assert [r["finish_reasons"] for r in got] == [r["finish_reasons"] for r in alone]
+    shuffled = list(reversed(range(len(MORE))))
+    got = generate(model, ids_tokenizer, [MORE[i] for i in shuffled], indices=shuffled, batch_size=4, **kw)
+    assert [r["output_ids"] for r in got] == [alone[i]["output_ids"] for i in shuffled]
+    by_branches = generate(model, ids_tokenizer, MORE, batch_size=7, batch_by_samples=False, **kw)
+    assert [r["output_ids"] for r in by_branches] == [r["output_ids"] for r in alone]
+
+
+def test_repetition_penalty_in_a_pool_matches_hf(ids_tokenizer):
+    model = tiny_model("llama")
+    results = generate(model, ids_tokenizer, MORE, max_new_tokens=8, repetition_penalty=1.8, batch_size=3)
+    for s, r in zip(MORE, results, strict=True):
+        for b, got in zip(s["branches"], r["output_ids"], strict=True):
+            x = torch.tensor([main_ids(s) + b["input_ids"]])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                                 repetition_penalty=1.8, pad_token_id=0)[0, x.shape[1]:].tolist()
+            assert got == ref
+
+
+def test_rows_move_down_at_the_tail_and_results_stay(ids_tokenizer):
+    model = tiny_model("llama")
+    free = generate(model, ids_tokenizer, MORE, max_new_tokens=12)
+    # a stop id that ends some samples at once: later samples then start in higher rows while lower rows
+    # run on, and once nothing is pending the live rows move down into the freed ones
+    for stop in dict.fromkeys(ids[0] for r in free for ids in r["output_ids"]):
+        kw = dict(max_new_tokens=12, stop_token_ids=[stop])
+        engine = Engine(model, EngineConfig(max_rows=3, sync_every=1))
+        got = generate(model, ids_tokenizer, MORE, engine=engine, **kw)
+        if engine.stats["row_moves"]:
+            break
+    assert engine.stats["row_moves"] > 0 and engine.stats["rows"] == 3
+    alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(MORE)]
+    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in alone]
+    assert [r["finish_reasons"] for r in got] == [r["finish_reasons"] for r in alone]
+
+
+def test_an_engine_is_reused_across_calls_and_released(ids_tokenizer):
+    model = tiny_model("qwen2")
+    engine = Engine(model)
+    first = generate(model, ids_tokenizer, MORE, max_new_tokens=6, engine=engine)
+    runner = engine.runner
+    again = generate(model, ids_tokenizer, MORE[:3], max_new_tokens=6, engine=engine)
+    assert engine.runner is runner, "same options and shapes that fit: the buffers (and graphs) are kept"
+    assert [r["output_ids"] for r in again] == [r["output_ids"] for r in first[:3]]
+    engine.release()
+    assert engine.runner is None
+    assert not any(hasattr(model, name) for name in ("_pmaccel_runners", "_pmaccel_stats")), "no state on the model"
+
+
+def test_buckets_bound_the_number_of_step_shapes():
+    assert _buckets(256) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert _buckets(37) == [37, 18, 9, 4, 2, 1]
+    assert [_bucket_for(n, 37) for n in (1, 2, 3, 5, 9, 10, 19, 37)] == [1, 2, 4, 9, 9, 18, 37, 37]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_cuda_graphs_equal_the_cpu_engine_fp32(arch, ids_tokenizer):
+    model = tiny_model(arch)
+    patch_rope(model, 0.5)
+    _with_stops(model, ids_tokenizer)
+    kw = dict(max_new_tokens=24, branch_stride=16, stop_token_ids=list(range(3, 256, 5)))  # many stop ids
+    for mask in ("columnar", "isolated"):
+        ref = generate(model, ids_tokenizer, MORE, mask=mask, **kw)
+        cuda = model.cuda()
+        engine = Engine(cuda, EngineConfig(max_rows=4))
+        for _ in range(2):  # the second call replays the graphs captured by the first
+            got = generate(cuda, ids_tokenizer, MORE, mask=mask, engine=engine, **kw)
+            assert engine.stats["graphs"] >= 1
+            assert [r["output_ids"] for r in got] == [r["output_ids"] for r in ref]
+        engine.release()
+        model = model.cpu()
+    plain = tiny_model(arch).cuda()
+    results = generate(plain, ids_tokenizer, MORE, max_new_tokens=12, batch_size=3)
+    for s, r in zip(MORE, results, strict=True):
+        for b, got in zip(s["branches"], r["output_ids"], strict=True):
+            assert got == hf_generate(plain, main_ids(s) + b["input_ids"], 12)
