@@ -114,23 +114,25 @@ def measure(fn_for, new: int, repeats: int) -> dict:
 
 
 def run_pmaccel(model, samples, w: Workload, mask: str, repeats: int) -> dict:
-    """The fast path's own device timers give prefill and per-step times (no extra shapes to compile)."""
+    """One engine for every repeat (graphs captured once); its stats give prefill and per-step times."""
+    from pmaccel.engine import Engine, EngineConfig
+
     tok = IdsTokenizer()
+    engine = Engine(model, EngineConfig(max_rows=len(samples)))
 
     def once():
-        return pmaccel.generate(model, tok, samples, max_new_tokens=w.new, mask=mask, batch_size=len(samples),
-                                fast=True)
+        return pmaccel.generate(model, tok, samples, max_new_tokens=w.new, mask=mask, engine=engine)
 
     torch.cuda.reset_peak_memory_stats()
     cold = timed(once)
     walls, prefill, decode, steps = [], [], [], []
     for _ in range(repeats):
-        model._pmaccel_stats = []
+        before = dict(engine.stats)
         walls.append(timed(once))
-        (st,) = model._pmaccel_stats
-        prefill.append(st["prefill_s"])
-        decode.append(st["decode_s"])
-        steps.append(st["steps"])
+        prefill.append(engine.stats["prefill_s"] - before["prefill_s"])
+        decode.append(engine.stats["decode_s"] - before["decode_s"])
+        steps.append(engine.stats["steps"] - before["steps"])
+    engine.release()
     med = statistics.median
     return dict(cold_s=cold, warm_s=med(walls), prefill_s=med(prefill), ms_per_step=1e3 * med(decode) / med(steps),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -30,18 +30,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--mask", default="columnar")
-    ap.add_argument("--no_compile", action="store_true")
     args = ap.parse_args()
-    if args.no_compile:
-        from pmaccel import fast
-
-        fast.COMPILE = False
     acc = Accelerator()
     w = WORKLOADS["W1"]
     model = build_model(args.model, acc.device)
     samples = make_samples(w, model.config.vocab_size, samples=args.samples)
     tok = IdsTokenizer()
-    kw = dict(max_new_tokens=w.new, mask=args.mask, batch_size=args.batch_size, fast=True)
+    kw = dict(max_new_tokens=w.new, mask=args.mask, batch_size=args.batch_size)
     with acc.split_between_processes(list(range(len(samples)))) as mine:
         mine = list(mine)
     warm = mine[: args.batch_size]

@@ -1,6 +1,6 @@
-"""Where a decode step's time goes: graph replay time, and the kernels of an eager step.
+"""Where a decode step's time goes: graph replay time per row bucket, and the kernels of an eager step.
 
-    python benchmarks/profile_step.py --model 0.5b --workload W2
+    python benchmarks/profile_step.py --model 0.5b --workload W1
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import torch
 from bench import WORKLOADS, IdsTokenizer, build_model, make_samples
 
 import pmaccel
-from pmaccel import fast
-from pmaccel.layout import pack_sample
-from pmaccel.samples import tokenize_sample
+from pmaccel.engine import Engine, EngineConfig
+from pmaccel.slots import grouped_attention
 
 
 def main() -> None:
@@ -21,43 +20,36 @@ def main() -> None:
     ap.add_argument("--model", default="0.5b")
     ap.add_argument("--workload", default="W2")
     ap.add_argument("--mask", default="columnar")
-    ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--fold", default=fast.FOLD_KERNEL, choices=["auto", "matmul", "sdpa"])
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--rows", type=int, default=25, help="kernels to list")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
-    fast.FOLD_KERNEL, fast.COMPILE = args.fold, args.compile
     model = build_model(args.model, "cuda")
     w = WORKLOADS[args.workload]
     samples = make_samples(w, model.config.vocab_size)
-    pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, batch_size=len(samples),
-                     fast=True)
-    (runner,) = [r for r in model._pmaccel_runners.values() if r.graph is not None][-1:]
-    packs = [pack_sample(tokenize_sample(s, IdsTokenizer())) for s in samples]
+    engine = Engine(model, EngineConfig(max_rows=len(samples)))
+    pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
+    runner = engine.runner  # kept after the run: its pool is empty, so a step costs what a full one does
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.inference_mode():
-        runner.prefill(packs, list(range(len(packs))), 0)  # fresh state: fewer steps than max_new_tokens follow
-    for _ in range(3):
-        runner.graph.replay()
-    start.record()
-    for _ in range(50):
-        runner.graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"graph replay: {start.elapsed_time(end) / 50:.3f} ms/step  (B={runner.B} K={runner.K} S={runner.S})")
+    for n in sorted(runner.graphs, reverse=True):
+        runner.run_steps(n, 3)
+        start.record()
+        runner.run_steps(n, 50)
+        end.record()
+        torch.cuda.synchronize()
+        print(f"graph replay: {start.elapsed_time(end) / 50:.3f} ms/step  (rows={n} K={runner.K} S={runner.S})")
     if args.no_profile:
         return
-    with torch.inference_mode(), fast.grouped_attention(model):
-        runner.prefill(packs, list(range(len(packs))), 0)
+    n = runner.R
+    with torch.inference_mode(), grouped_attention(model):
         start.record()
         for _ in range(10):
-            runner.step()
+            runner.step(n)
         end.record()
         torch.cuda.synchronize()
         print(f"eager step:   {start.elapsed_time(end) / 10:.3f} ms/step")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):  # 10 + 5 + 53 steps stay under W1's 128
-                runner.step()
+            for _ in range(5):
+                runner.step(n)
             torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)

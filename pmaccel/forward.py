@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pmaccel.layout import TokenMeta, additive_mask, allowed
+from pmaccel.slots import fold_mask, mask_groups
 
 
 def _base(model: Any) -> Any:
@@ -47,6 +48,9 @@ class ModelCall:
         or [E, V] when ``select = (rows [E], columns [E])`` picks single tokens: the output layer then
         runs on those E hidden states only."""
         mask = additive_mask(allowed(query, keys, query_slot, self.mask), self.dtype)  # [B, 1, Q, S]
+        groups = mask_groups(self.model)
+        if groups > 1:  # grouped attention folds the query heads into Q: fold the mask once, not per layer
+            mask = fold_mask(mask, groups)  # [B, 1, G*Q, S]
         kwargs: dict[str, Any] = {} if cache is None else {self.cache_name: cache}
         if keep is not None:
             kwargs["logits_to_keep"] = keep

@@ -46,7 +46,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_implementation: str):
+def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_implementation: str,
+                     device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(base_model).expanduser()
@@ -63,6 +64,8 @@ def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_imp
     name = str(path) if path.exists() else str(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        if device.type == "cuda" and "gguf_file" not in kwargs:
+            kwargs["device_map"] = device  # weights go straight to the GPU, not through host memory first
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, **kwargs
         )
@@ -114,7 +117,7 @@ def load_model(
         from pmaccel.embedded import embedded_model_dir
 
         base_model = embedded_model_dir()
-    model, tokenizer = _from_pretrained(base_model, torch_dtype, attn_implementation)
+    model, tokenizer = _from_pretrained(base_model, torch_dtype, attn_implementation, dev)
     if lora_path is not None:
         model = apply_lora(model, lora_path, lora_rank=lora_rank, merge=merge_lora)
     elif lora_rank is not None:

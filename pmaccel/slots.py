@@ -34,13 +34,14 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     length instead: query [B, H, Q, D] -> [B, H_kv, G*Q, D]; mask [B, 1, Q, S] -> [B, 1, G*Q, S].
     """
     b, h, q_len, d = query.shape
-    h_kv, s = key.shape[1], key.shape[2]
+    h_kv = key.shape[1]
     g = h // h_kv
     if g == 1 or attention_mask is None or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     q = query.reshape(b, h_kv, g * q_len, d)
-    mask = attention_mask[:, :, None].expand(b, 1, g, q_len, s).reshape(b, 1, g * q_len, s)
+    # folded once per forward by the caller (``fold_mask``), else here for every layer
+    mask = attention_mask if attention_mask.shape[2] == g * q_len else fold_mask(attention_mask, g)
     if b * h * q_len > MATMUL_ROWS:
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, H_kv, G*Q, Dv]
     else:
@@ -51,6 +52,21 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
 
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+
+
+def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, 1, Q, S] -> [B, 1, G*Q, S]: the mask of the folded queries (``grouped_sdpa``)."""
+    b, _, q_len, s = mask.shape
+    return mask[:, :, None].expand(b, 1, groups, q_len, s).reshape(b, 1, groups * q_len, s)
+
+
+def mask_groups(model: Any) -> int:
+    """How many query heads share a KV head when ``model`` runs ``grouped_sdpa`` (the mask can then be
+    folded once per forward); 1 otherwise."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if cfg._attn_implementation != GROUPED_SDPA or getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return 1
+    return cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
 
 
 @contextlib.contextmanager

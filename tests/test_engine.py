@@ -7,7 +7,7 @@ from conftest import ids_sample, tiny_model
 from test_decode import SAMPLES, hf_generate, main_ids
 
 from pmaccel import generate
-from pmaccel.engine import Engine, EngineConfig, _buckets, _bucket_for
+from pmaccel.engine import Engine, EngineConfig, _bucket_for, _buckets
 from pmaccel.rope import patch_rope
 
 # more samples than the pool has rows, of different lengths and branch counts: rows free up at different
