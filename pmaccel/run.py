@@ -13,6 +13,7 @@ decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -256,8 +257,11 @@ def run_job(settings: Settings, job: Job) -> Records | None:
     clock = _Phases()
     accelerator = _make_accelerator(settings)
     out_path = output.check_writable(settings.out_path)  # before the model loads
-    with accelerator.main_process_first():  # datasets' cache is built once
-        table = read_rows(job.data_path(settings), on_error=settings.on_error, num_workers=settings.num_workers)
+    data_path = job.data_path(settings)
+    # formats read through datasets build a cache: once, by the main process; JSONL is read by every rank at once
+    first = accelerator.main_process_first() if _uses_datasets_cache(data_path) else contextlib.nullcontext()
+    with first:
+        table = read_rows(data_path, on_error=settings.on_error, num_workers=settings.num_workers)
     if not table.rows and not table.skipped:
         raise PMAccelError("the file has no rows", file=table.path)
     clock.mark("read_s")
@@ -334,14 +338,25 @@ def _make_accelerator(settings: Settings) -> Any:
     return accelerator
 
 
+def _uses_datasets_cache(data_path: str | None) -> bool:
+    from pmaccel.rows import JSON_SUFFIXES
+
+    return data_path is not None and Path(data_path).suffix.lower() not in JSON_SUFFIXES
+
+
 def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
     from pmaccel.model import load_model
 
     device = accelerator.device if settings.device == "auto" else settings.device
-    with accelerator.main_process_first():  # the embedded model is converted once, by the main process
-        return load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
-                          rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope,
-                          dtype=settings.dtype, device=device)
+    if settings.base_model is None:
+        from pmaccel.embedded import embedded_model_dir
+
+        with accelerator.main_process_first():  # the embedded model is converted once, by the main process
+            embedded_model_dir()
+    # every rank loads at the same time (one after the other, N ranks took N times as long)
+    return load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
+                      rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope, dtype=settings.dtype,
+                      device=device)
 
 
 def _resume_state(settings: Settings, accelerator: Any, out_path: Path,
