@@ -85,7 +85,9 @@ def run_generate_batch(model, mine: list[tuple[int, list[int]]], args: argparse.
     gen = model.generation_config
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=gen.eos_token_id,
                               pad_token_id=gen.pad_token_id)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: generate_batch's worker thread updates tensors made here in place, which
+    # inference tensors refuse outside inference mode (transformers 5.17 on H200 failed that way)
+    with torch.no_grad():
         results = model.generate_batch(inputs=[ids for _, ids in mine], generation_config=config)
     outputs = list(results.values())
     if len(outputs) != len(mine) or any(o.error is not None for o in outputs):

@@ -253,6 +253,19 @@ def run_job(settings: Settings, job: Job) -> Records | None:
     process, ``None`` on the others.
     """
     job.check(settings)
+    from accelerate.state import AcceleratorState, PartialState
+
+    ours = not PartialState._shared_state  # this call creates accelerate's process state
+    try:
+        return _run_job(settings, job)
+    finally:
+        if ours and PartialState._shared_state and PartialState().num_processes == 1:
+            # an in-process run leaves no state behind: a notebook's later notebook_launcher/debug_launcher
+            # with several processes would fork children that believe they run alone (and hang)
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run_job(settings: Settings, job: Job) -> Records | None:
     started = time.perf_counter()
     clock = _Phases()
     accelerator = _make_accelerator(settings)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import helpers_infer
@@ -133,3 +134,26 @@ def test_shipped_configs_load(name):
     config = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
     expected = {"cpu": 1, "cpu_2proc": 2, "single_gpu": 1, "multi_gpu_8": 8, "multi_node_2x8": 16}[name]
     assert config.num_processes == expected
+
+
+IN_PROCESS_THEN_LAUNCHED = textwrap.dedent("""
+    import dataclasses, sys
+    from accelerate import debug_launcher
+    import pmaccel
+    base, data, out = sys.argv[1:]
+    s = pmaccel.Settings(base_model=base, data_path=data, out_path=f"{out}/one.jsonl", branches_per_sample=2,
+                         max_new_tokens=8)
+    pmaccel.infer(s)  # a notebook user tries a call in the kernel first...
+    for n in (2, 3):  # ...then launches several processes from the same kernel
+        debug_launcher(pmaccel.infer, (dataclasses.replace(s, out_path=f"{out}/{n}.jsonl"),), num_processes=n)
+""")
+
+
+def test_an_in_process_run_then_launched_runs_in_one_python_process(tiny, mixed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_THEN_LAUNCHED, str(tiny), str(mixed), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = (tmp_path / "one.jsonl").read_bytes()
+    assert (tmp_path / "2.jsonl").read_bytes() == one and (tmp_path / "3.jsonl").read_bytes() == one
+    assert "rank 0 of 3" in proc.stderr, "the launched ranks know they are three"
