@@ -50,14 +50,15 @@ class Summary:
     totals: dict[str, Any] = dataclasses.field(default_factory=dict)  # dataset totals (score, compare, leakage)
     notes: list[str] = dataclasses.field(default_factory=list)  # the totals, in words
     phases: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per rank: seconds per phase
+    tokens: int = 0  # tokens this run worked on: generated (pmaccel), or scored targets (pmaccel score)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        return self.tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def __str__(self) -> str:
-        work = (f"{self.generated_tokens} tokens generated in {self.wall_time_s:.1f} s "
-                f"({self.tokens_per_s:.1f} tokens/s)" if self.job == "pmaccel" else f"{self.wall_time_s:.1f} s")
+        done = "generated" if self.job == "pmaccel" else "scored"
+        work = f"{self.tokens} tokens {done} in {self.wall_time_s:.1f} s ({self.tokens_per_s:.1f} tokens/s)"
         return (f"{self.job}: {self.rows} rows ({self.samples} samples, {self.branches} branches) -> "
                 f"{self.out_path}; {work}; {self.samples_computed} samples computed, "
                 f"{self.samples_resumed} resumed; {self.skipped_rows} rows skipped"
@@ -454,5 +455,6 @@ def _summary(records: Records, table: Table, samples: list[Sample], skipped: lis
         rows=len(records), samples=len(samples), branches=sum(len(s.branches) for s in samples),
         skipped_rows=len(skipped), samples_computed=len(fresh), samples_resumed=len(merged) - len(fresh),
         generated_tokens=sum(sum(r.get("num_generated_tokens", [])) for r in fresh),
+        tokens=sum(job.tokens(r) for r in fresh),
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
     )

@@ -413,20 +413,24 @@ def score_totals(samples: Sequence[Sample], results: Sequence[Mapping[str, Any]]
                  length_normalize: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Dataset totals from every sample's result, once each, in index order; and the same in words.
 
-    ``perplexity = exp(-sum of log-probs / sum of target tokens)`` over every scored branch;
-    multiple choice: ``accuracy = correct rows / labelled rows`` and ``chance`` = the mean of
-    1 / choices over those rows.
+    ``perplexity = exp(-sum of log-probs / sum of target tokens)`` over the branches of rows scored for
+    their targets (multiple-choice rows are left out: their wrong choices are no target; a file of
+    multiple-choice rows only has no perplexity); multiple choice: ``accuracy = correct rows / labelled
+    rows`` and ``chance`` = the mean of 1 / choices over those rows.
     """
-    logprob = math.fsum(lp for r in results for lp in r["logprobs"])
-    tokens = sum(n for r in results for n in r["num_target_tokens"])
-    nll = -logprob / tokens if tokens else 0.0
-    totals: dict[str, Any] = {"branches": sum(len(r["logprobs"]) for r in results), "tokens": tokens,
-                              "logprob": logprob, "nll": nll, "perplexity": math.exp(nll)}
-    notes = [f"log-likelihood: {tokens} target tokens in {totals['branches']} branches, sum log-prob "
-             f"{logprob:.4f}, mean NLL {nll:.4f}, perplexity {totals['perplexity']:.4f}"]
+    labels = [None if sample.flat else label_of(rows[sample.rows[0]]) for sample in samples]
+    targets = [r for r, label in zip(results, labels) if label is None]
+    logprob = math.fsum(lp for r in targets for lp in r["logprobs"])
+    tokens = sum(n for r in targets for n in r["num_target_tokens"])
+    totals: dict[str, Any] = {"branches": sum(len(r["logprobs"]) for r in targets), "tokens": tokens}
+    notes = []
+    if tokens:
+        nll = -logprob / tokens
+        totals.update(logprob=logprob, nll=nll, perplexity=math.exp(nll))
+        notes.append(f"log-likelihood: {tokens} target tokens in {totals['branches']} branches, sum log-prob "
+                     f"{logprob:.4f}, mean NLL {nll:.4f}, perplexity {totals['perplexity']:.4f}")
     correct = chance = labelled = 0
-    for sample, result in zip(samples, results):
-        label = None if sample.flat else label_of(rows[sample.rows[0]])
+    for label, result in zip(labels, results):
         if label is not None:
             labelled += 1
             correct += predict(result["logprobs"], result["num_target_tokens"], length_normalize) == label

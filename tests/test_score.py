@@ -169,10 +169,13 @@ def rows_file(tmp_path_factory):
 
 
 def single_loop_reference(model, tok, rows):
-    """Perplexity by the book: every branch alone through the model, summed over the dataset in one loop."""
+    """Perplexity by the book: every target branch alone through the model, summed over the dataset in one
+    loop (multiple-choice rows are no targets: their wrong choices would count)."""
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if isinstance(s, str) else list(s)  # noqa: E731
     total, count = 0.0, 0
     for row in rows:
+        if "label" in row:
+            continue
         if "branches" in row:
             main_ids, branches = enc(row.get("main", "")), row["branches"]
         else:
@@ -206,7 +209,7 @@ def test_perplexity_is_the_same_on_1_2_and_3_processes_and_equals_a_single_loop(
     model, tok = pmaccel.load_model(str(tiny), device="cpu")
     expected, tokens = single_loop_reference(model, tok, ROWS)
     for n in (1, 2, 3):
-        assert totals[n]["tokens"] == tokens == 31
+        assert totals[n]["tokens"] == tokens == 26  # 31 scored tokens, less the 5 of the multiple-choice rows
         assert totals[n]["perplexity"] == pytest.approx(expected, rel=1e-6)
         assert totals[n]["perplexity"] == pytest.approx(totals[1]["perplexity"], rel=1e-6)
         assert totals[n]["multiple_choice"]["rows"] == 2
@@ -235,10 +238,23 @@ def test_records_and_summary(tiny, rows_file, tmp_path):
         else:
             assert list(rec)[len(row):] == ["logprob", "num_target_tokens", "nll"]
     t = records.summary.totals
-    lps = [x for r in records for x in (r["logprobs"] if "logprobs" in r else [r["logprob"]])]
+    lps = [x for row, r in zip(ROWS, records) if "label" not in row
+           for x in (r["logprobs"] if "logprobs" in r else [r["logprob"]])]
     assert t["logprob"] == pytest.approx(sum(lps)) and t["perplexity"] == pytest.approx(math.exp(-sum(lps) / t["tokens"]))
     assert t["multiple_choice"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert "perplexity" in str(records.summary) and records.summary.job == "pmaccel score"
+    summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
+    scored = sum(sum(n) if isinstance(n, list) else n for n in (r["num_target_tokens"] for r in records))
+    assert summary["tokens"] == scored and summary["tokens_per_s"] > 0
+
+
+def test_multiple_choice_alone_reports_accuracy_and_no_perplexity(tiny, tmp_path):
+    rows = [row for row in ROWS if "label" in row]
+    records = score(base_model=str(tiny), data_path=str(write_jsonl(tmp_path / "mc.jsonl", rows)),
+                    out_path=str(tmp_path / "mc_out.jsonl"))
+    totals = records.summary.totals
+    assert "perplexity" not in totals and totals["tokens"] == 0 and totals["multiple_choice"]["rows"] == 2
+    assert "perplexity" not in str(records.summary) and "accuracy" in str(records.summary)
 
 
 def test_length_normalize_picks_by_mean_log_prob(tiny, tmp_path):
