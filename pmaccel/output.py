@@ -80,14 +80,18 @@ def settings_digest(settings: Any, ignore: Sequence[str] = ()) -> str:
 
 
 def sample_keys(samples: Sequence[Any], settings: Any, *, kind: str = "",
-                ignore: Sequence[str] = ()) -> list[str]:
+                ignore: Sequence[str] = (), runtime: str = "") -> list[str]:
     """One key per sample: the same on every rank and run iff the sample's result would be the same.
 
     ``kind`` names what the result is (``""`` for decoding, ``"score"``, ...): results of another
-    kind are never reused. ``ignore``: settings that do not change this kind's results.
+    kind are never reused. ``ignore``: settings that do not change this kind's results. ``runtime``:
+    what the settings do not say but the numbers depend on (the resolved dtype and device type), so
+    a run resumed in bf16 on a GPU never mixes in float32 results from the CPU.
     """
     digest = settings_digest(settings, ignore)
     head = [digest, kind] if kind else [digest]
+    if runtime:
+        head.append(runtime)
     return [
         hashlib.sha256(json.dumps([*head, s.index, s.as_input()], sort_keys=True, ensure_ascii=False)
                        .encode()).hexdigest()[:32]

@@ -283,7 +283,9 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     clock.mark("load_s")
     samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings),
                                     job.counter(tokenizer, settings))
-    keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore)
+    param = next(model.parameters())
+    keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore,
+                              runtime=f"{param.dtype}@{param.device.type}")
     clock.mark("tokenize_s")
 
     done = _resume_state(settings, accelerator, out_path, keys)

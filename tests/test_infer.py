@@ -163,6 +163,21 @@ def test_results_from_other_settings_are_not_reused(run, tmp_path, monkeypatch):
     assert seen["samples"] == 7 and records.summary.samples_resumed == 0
 
 
+def test_results_of_another_dtype_are_not_reused(run, reference, tmp_path, monkeypatch):
+    import pmaccel.model
+
+    # "auto" is float32 on the CPU and bf16 on a GPU: the same settings, other numbers
+    monkeypatch.setattr(pmaccel.model, "resolve_dtype", lambda dtype, device=None: torch.bfloat16)
+    stream_counting(monkeypatch, fail_after=4, error=RuntimeError("injected fault"))
+    with pytest.raises(RuntimeError):
+        run()
+    monkeypatch.undo()
+    seen = stream_counting(monkeypatch)
+    records = run()
+    assert seen["samples"] == 7 and records.summary.samples_resumed == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == reference  # no bf16 result in the float32 file
+
+
 def test_no_resume_starts_over(run, tmp_path, monkeypatch):
     stream_counting(monkeypatch, fail_after=4, error=RuntimeError("injected fault"))
     with pytest.raises(RuntimeError):
