@@ -196,6 +196,12 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
         rng = random.Random(sample_seed(seed, i)) if random_time_offset else None
         packs.append(pack_sample(ts, branch_stride=branch_stride, align=align,
                                  interleave_branches=interleave_branches, time_offset_rng=rng))
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, p in zip(indices, packs):
+        if p.num_tokens and not 0 <= int(p.input_ids.min()) <= int(p.input_ids.max()) < vocab:
+            bad = next(int(t) for t in p.input_ids if not 0 <= int(t) < vocab)
+            raise PMAccelError(f"sample {i}: input_ids: token id {bad} is outside the model's vocabulary "
+                               f"(0..{vocab - 1}); give ids of this model's tokenizer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     own = engine is None
     if engine is None:

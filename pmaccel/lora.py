@@ -65,12 +65,13 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x))
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
+def check_lora_path(path: str | os.PathLike) -> Path:
+    """The adapter's path, if it is a file or a PEFT adapter directory (checked before any model loads)."""
+    p = Path(path).expanduser()
     if not p.exists():
         raise PMAccelError(
             f"LoRA file not found: {str(p)!r} (pass a ParallelMind .pth/.pt/.bin/.safetensors file "
-            "or a PEFT adapter directory containing adapter_config.json)"
+            "or a PEFT adapter directory containing adapter_config.json)", field="lora_path"
         )
     if p.is_dir():
         if not (p / "adapter_config.json").is_file():
@@ -97,7 +98,7 @@ def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         PMAccelError: the file is missing, of an unknown type, unreadable, or holds non-tensor values.
     """
-    p = _check_path(path)
+    p = check_lora_path(path)
     if p.is_dir():
         raise PMAccelError("is a PEFT adapter directory, not a ParallelMind LoRA file", file=str(p))
     try:
@@ -152,7 +153,7 @@ def _file_rank(state: dict[str, torch.Tensor], file: str) -> int:
 
 def lora_rank_of(path: str | os.PathLike) -> int:
     """The LoRA rank r of a ParallelMind file (A tensors' first dim) or PEFT directory (config ``r``)."""
-    p = _check_path(path)
+    p = check_lora_path(path)
     return _peft_rank(p) if p.is_dir() else _file_rank(load_lora_state(p), str(p))
 
 
@@ -237,7 +238,7 @@ def apply_lora(
         >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
         >>> model = apply_lora(model, "parallelmind_lora.pth", merge=True)
     """
-    p = _check_path(path)
+    p = check_lora_path(path)
     if p.is_dir():
         return _apply_peft(model, p, lora_rank, merge)
     file = str(p)

@@ -46,22 +46,56 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def check_model_path(base_model: str | os.PathLike) -> Path:
+    """``base_model`` as a path; a GGUF file or a local-looking directory that is missing is an error
+    (checked before anything loads). A model id passes."""
+    path = Path(base_model).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise PMAccelError(f"GGUF file {path} not found; pass an existing file", field="base_model")
+    if not path.exists() and _looks_local(str(base_model)):
+        raise PMAccelError(
+            f"model directory {base_model} not found; pass a local directory or a model id", field="base_model"
+        )
+    return path
+
+
+def check_hub_reachable(model_id: str, timeout: float = 3.0) -> None:
+    """Fail at once, with the fix, when ``model_id`` is neither cached nor reachable (no network):
+    transformers would otherwise retry for about a minute before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return  # transformers reads the local cache alone and fails fast by itself
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(cached, str):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        raise PMAccelError(
+            f"model {model_id!r} is not a local directory, not in the local cache, and {url.hostname} cannot be "
+            "reached; pass a local model directory, or download it first (HF_HUB_OFFLINE=1 uses the cache alone)",
+            field="base_model",
+        ) from None
+
+
 def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_implementation: str,
                      device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(base_model).expanduser()
+    path = check_model_path(base_model)
     kwargs: dict[str, Any] = {}
     if path.suffix == ".gguf":  # a GGUF file: transformers dequantizes it (needs the gguf package)
-        if not path.is_file():
-            raise PMAccelError(f"GGUF file {path} not found; pass an existing file", field="base_model")
         kwargs["gguf_file"] = path.name
         path = path.parent
-    elif not path.exists() and _looks_local(str(base_model)):
-        raise PMAccelError(
-            f"model directory {base_model} not found; pass a local directory or a model id", field="base_model"
-        )
     name = str(path) if path.exists() else str(base_model)
+    if not path.exists():
+        check_hub_reachable(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         if device.type == "cuda" and "gguf_file" not in kwargs:

@@ -311,10 +311,12 @@ class Grouping:
     seed: int = 0
     chat_template: bool = False
     on_error: str = "raise"
+    vocab_size: int | None = None  # the model's: given token ids must lie below it
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Grouping:
-        return cls(**{f: getattr(settings, f) for f in cls.__dataclass_fields__})
+    def from_settings(cls, settings: Any, vocab_size: int | None = None) -> Grouping:
+        names = [f for f in cls.__dataclass_fields__ if f != "vocab_size"]
+        return cls(**{f: getattr(settings, f) for f in names}, vocab_size=vocab_size)
 
 
 def make_samples(table: Table, tokenizer: Any, grouping: Grouping,
@@ -387,6 +389,23 @@ def _iter_samples(table: Table, tokenizer: Any, g: Grouping, errors: _Errors,
         yield close()
 
 
+def _check_ids(row: Row, vocab_size: int) -> None:
+    """Given token ids (main, branches, targets) must be ids of the model's vocabulary."""
+    parts = [("main", row.main)] + [(f"branches[{k}]", b) for k, b in enumerate(row.branches)]
+    for name, part in parts:
+        if not isinstance(part, Mapping):
+            continue
+        for key in ("input_ids", "target"):
+            ids = part.get(key)
+            if not isinstance(ids, list):
+                continue
+            bad = next((t for t in ids if isinstance(t, int) and not 0 <= t < vocab_size), None)
+            if bad is not None:
+                field = row.key if row.flat else f"{name}.{key}"
+                raise PMAccelError(f"token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
+                                   "give ids of this model's tokenizer", field=field)
+
+
 def _count_tokens(row: Row, tokenizer: Any, g: Grouping, count: Callable[[Row], int] | None = None) -> int:
     """Prompt tokens of a row's branches (or ``count(row)``); checks that each has tokens and fits the
     budget (flat rows)."""
@@ -398,6 +417,8 @@ def _count_tokens(row: Row, tokenizer: Any, g: Grouping, count: Callable[[Row], 
                                 chat_template=g.chat_template).num_tokens
     except PMAccelError as e:
         raise PMAccelError(e.problem, field=row.key if row.flat else e.field) from None
+    if g.vocab_size is not None:
+        _check_ids(row, g.vocab_size)
     if row.flat and g.max_total_tokens and n > g.max_total_tokens:
         raise PMAccelError(
             f"the branch has {n} prompt tokens, more than max_total_tokens={g.max_total_tokens}; "

@@ -271,6 +271,7 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     clock = _Phases()
     accelerator = _make_accelerator(settings)
     out_path = output.check_writable(settings.out_path)  # before the model loads
+    _check_model_paths(settings)
     data_path = job.data_path(settings)
     # formats read through datasets build a cache: once, by the main process; JSONL is read by every rank at once
     first = accelerator.main_process_first() if _uses_datasets_cache(data_path) else contextlib.nullcontext()
@@ -281,7 +282,8 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
     clock.mark("load_s")
-    samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings),
+    vocab = model.get_input_embeddings().num_embeddings
+    samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings, vocab_size=vocab),
                                     job.counter(tokenizer, settings))
     param = next(model.parameters())
     keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore,
@@ -352,6 +354,17 @@ def _make_accelerator(settings: Settings) -> Any:
         # started in a forked child can hang forever
         torch.set_num_threads(1)
     return accelerator
+
+
+def _check_model_paths(settings: Settings) -> None:
+    """A missing model directory, GGUF file or LoRA is an error before rows are read or anything loads."""
+    from pmaccel.lora import check_lora_path
+    from pmaccel.model import check_model_path
+
+    if settings.base_model is not None:
+        check_model_path(settings.base_model)
+    if settings.lora_path is not None:
+        check_lora_path(settings.lora_path)
 
 
 def _uses_datasets_cache(data_path: str | None) -> bool:

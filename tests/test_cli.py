@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import helpers_infer
+import huggingface_hub
 import pytest
 from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 
@@ -65,8 +66,17 @@ BAD_INPUTS = {  # name: (file content or None for no file, extra flags, expected
     "out_path_is_a_dir": (lines('{"text": "the cat"}'), ["--out_path", "{tmp}"], "out_path: "),
     "bad_value": (lines('{"text": "the cat"}'), ["--top_p", "1.5"], "top_p: must be in (0, 1]"),
     "unknown_flag": (lines('{"text": "the cat"}'), ["--max_tokens", "3"], "unrecognized arguments: --max_tokens 3"),
+    "missing_lora": (lines('{"text": "the cat"}'), ["--lora_path", "{tmp}/nope.pth"], "lora_path: LoRA file not found"),
+    "missing_model_dir": (lines('{"text": "the cat"}'), ["--base_model", "{tmp}/no_model"],
+                          "base_model: model directory {tmp}/no_model not found"),
+    "ids_outside_the_vocabulary": (lines('{"text": "the cat"}', '{"branches": ["a dog", {"input_ids": [5, 99999]}]}'),
+                                   [], "{data}:2: branches[1].input_ids: token id 99999 is outside the model's"),
+    "flat_ids_outside_the_vocabulary": (lines('{"input_ids": [-3, 4]}'), [],
+                                        "{data}:1: input_ids: token id -3 is outside the model's vocabulary"),
+    "unreachable_hub": (lines('{"text": "the cat"}'), ["--base_model", "nobody/no-such-model"],
+                        "base_model: model 'nobody/no-such-model' is not a local directory"),
 }
-LOADS_MODEL = {"over_budget_branch"}
+LOADS_MODEL = {"over_budget_branch", "ids_outside_the_vocabulary", "flat_ids_outside_the_vocabulary", "unreachable_hub"}
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["existing_output", "no_output"])
@@ -84,6 +94,9 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, existing, tiny, tmp_pa
     if case not in LOADS_MODEL:  # errors that must be found before the model loads
         monkeypatch.setattr(pmaccel.model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     fmt = dict(data=data, blocker=tmp_path / "blocker", tmp=tmp_path)
+    if case == "unreachable_hub":  # a hub that answers nothing, on this machine
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     argv = ["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out)]
     argv += [f.format(**fmt) for f in flags]
     try:

@@ -225,6 +225,7 @@ def test_on_step_streams_partial_outputs(ids_tokenizer):
         ([ids_sample(None, [1])], {"mask": "causal"}, "unknown mask 'causal'"),
         ([ids_sample(None, [1])], {"align": "center"}, "align must be one of"),
         ([ids_sample(None, [1])], {"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+        ([ids_sample(None, [1]), ids_sample([2], [3, 256])], {}, r"sample 1: input_ids: token id 256 is outside"),
     ],
 )
 def test_bad_calls(samples, kwargs, match, ids_tokenizer):
