@@ -7,6 +7,7 @@ line on stderr (``pmaccel: error: file:row: field: problem``) and exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -50,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             records = infer(settings)
     except PMAccelError as e:
-        print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
+        # under a launcher every rank meets the same input error: the main one says it, once
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
         return 2
     if records is not None and settings.data_path is None and not scoring:  # the demo: show what came out
         _print_preview(records)

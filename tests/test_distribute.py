@@ -157,3 +157,20 @@ def test_an_in_process_run_then_launched_runs_in_one_python_process(tiny, mixed,
     one = (tmp_path / "one.jsonl").read_bytes()
     assert (tmp_path / "2.jsonl").read_bytes() == one and (tmp_path / "3.jsonl").read_bytes() == one
     assert "rank 0 of 3" in proc.stderr, "the launched ranks know they are three"
+
+
+def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29519", "-m", "pmaccel",
+         "--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+    assert errors == [f"pmaccel: error: {data}:2: malformed JSON: Expecting ',' delimiter at column 17"], errors
+    assert "[rank1]" not in proc.stderr and "gloo" not in proc.stderr.lower()
+    assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
