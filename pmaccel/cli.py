@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pmaccel.errors import PMAccelError
 
-PREVIEW_RECORDS = 3
+PREVIEW_RECORDS = 10
 SCORE_DESCRIPTION = ("Score given continuations under the packed layout (teacher-forced log-likelihood, "
                      "perplexity, multiple choice): the same flags, launchers and ordered, resumable output "
                      "as `pmaccel`. Without --data_path: the shipped easy multiple-choice set.")
@@ -56,15 +56,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
         return 2
     if records is not None and settings.data_path is None and not scoring:  # the demo: show what came out
-        _print_preview(records)
+        _print_preview(records, settings.out_path)
     return 0
 
 
-def _print_preview(records: list[dict]) -> None:
+def _print_preview(records: list[dict], out_path: str) -> None:
+    """Every answer of the shipped example, in full, under its question (the demo a newcomer sees)."""
+    width = 100
     for record in records[:PREVIEW_RECORDS]:
-        print("-" * 72)
+        print("-" * width)
         if record.get("main"):
-            print(textwrap.shorten(record["main"], 200))
-        for branch, out in zip(record.get("branches", []), record.get("outputs", [])):
+            print(textwrap.fill(record["main"], width))
+        branches = record.get("branches") or [record.get("text") or record.get("prompt", "")]
+        outputs = record.get("outputs") or [record.get("output", "")]
+        for branch, out in zip(branches, outputs):
             text = branch if isinstance(branch, str) else branch.get("text", branch)
-            print(f"  > {textwrap.shorten(str(text), 100)}\n    {textwrap.shorten(out, 200)!r}")
+            print(textwrap.fill(str(text), width, initial_indent="  Q: ", subsequent_indent="     "))
+            print(textwrap.fill(out.strip() or "(no text)", width, initial_indent="  A: ", subsequent_indent="     "))
+    if len(records) > PREVIEW_RECORDS:
+        print(f"... and {len(records) - PREVIEW_RECORDS} more rows in {out_path}")

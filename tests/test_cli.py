@@ -191,4 +191,8 @@ def test_the_demo_on_the_embedded_model(how, hf_reference, tmp_path):
     assert [{k: r[k] for k in row} for row, r in zip(rows, records)] == rows and len(records) == len(rows)
     assert [r["outputs"] for r in records] == hf_reference
     assert all(len(r["finish_reasons"]) == len(r["branches"]) for r in records)
-    assert "rows (" in proc.stdout and "  > " in proc.stdout  # summary and preview
+    assert "rows (" in proc.stdout  # the summary
+    for row, record in zip(rows, records):  # the preview: every question and its whole answer, once
+        for branch, answer in zip(row["branches"], record["outputs"]):
+            assert proc.stdout.count(f"  Q: {branch}") == 1
+            assert " ".join(f"  A: {answer.strip() or '(no text)'}".split()) in " ".join(proc.stdout.split())
