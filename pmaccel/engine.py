@@ -255,7 +255,7 @@ class Runner:
             t[dst] = t[src]
         self.cache.move_row(src, dst)
 
-    def clear_row(self, row: int) -> None:
+    def clear_row(self, row: int | slice) -> None:
         s = self.state
         s.active[row] = False
         s.index[row] = -1
@@ -341,6 +341,7 @@ class Engine:
         old = self.runner
         if (old is not None and self._runner_key == (opts, graphs) and old.R >= R and old.K >= K and old.S >= S
                 and old.state.history.shape[-1] >= W and (W == 0) == (old.state.history.shape[-1] == 0)):
+            old.clear_row(slice(None))  # rows a stopped run left behind are free again
             return old  # a later call that fits reuses the buffers and graphs
         self.release()
         t = time.perf_counter()

@@ -243,10 +243,14 @@ def check_row(content: Any, number: int, *, lists_as_json: bool = False) -> Row:
     for key in FLAT_KEYS:
         if fields.get(key) is not None:
             value = fields[key]
+            score = {k: fields[k] for k in SCORE_KEYS if fields.get(k) is not None}
+            if lists_as_json and key == "input_ids":  # CSV cells are strings: ids (and id targets) as JSON lists
+                value = _json_cell(value, key)
+                if "target" in score:
+                    score["target"] = _json_cell(score["target"], "target")
             source = {"input_ids": value} if key == "input_ids" else value
-            if any(fields.get(k) is not None for k in SCORE_KEYS):  # a flat row to score: keep its target
-                source = {"input_ids" if key == "input_ids" else "text": value,
-                          **{k: fields[k] for k in SCORE_KEYS if fields.get(k) is not None}}
+            if score:  # a flat row to score: keep its target
+                source = {"input_ids" if key == "input_ids" else "text": value, **score}
             branch = _check_branch(source, key)
             return Row(number=number, fields=fields, flat=True, main="", branches=[branch], key=key)
     raise PMAccelError("the row has neither 'branches' (a parallel row) nor 'text', 'prompt' or 'input_ids' "
@@ -282,11 +286,15 @@ def _score_fields(branch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: branch[k] for k in SCORE_KEYS if branch.get(k) is not None}
 
 
-def _json_list(text: str) -> Any:
+def _json_list(text: str, field: str = "branches") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise PMAccelError(f"malformed JSON list: {e.msg} at column {e.colno}", field="branches") from None
+        raise PMAccelError(f"malformed JSON list: {e.msg} at column {e.colno}", field=field) from None
+
+
+def _json_cell(value: Any, field: str) -> Any:
+    return _json_list(value, field) if isinstance(value, str) and value.lstrip().startswith("[") else value
 
 
 def _type_name(value: Any) -> str:

@@ -97,9 +97,25 @@ def test_an_engine_is_reused_across_calls_and_released(ids_tokenizer):
     again = generate(model, ids_tokenizer, MORE[:3], max_new_tokens=6, engine=engine)
     assert engine.runner is runner, "same options and shapes that fit: the buffers (and graphs) are kept"
     assert [r["output_ids"] for r in again] == [r["output_ids"] for r in first[:3]]
+    stopped = engine.run([], [], None)  # nothing to do
+    assert list(stopped) == []
+    partial = generate_stream_first(model, ids_tokenizer, MORE, engine)  # a caller that stops early
+    assert partial is not None
+    after = generate(model, ids_tokenizer, MORE, max_new_tokens=6, engine=engine)
+    assert [r["output_ids"] for r in after] == [r["output_ids"] for r in first]
     engine.release()
     assert engine.runner is None
     assert not any(hasattr(model, name) for name in ("_pmaccel_runners", "_pmaccel_stats")), "no state on the model"
+
+
+def generate_stream_first(model, tokenizer, samples, engine):
+    """Take the first finished sample and stop: the engine's pool is left with live rows."""
+    from pmaccel.decode import decode_stream
+
+    stream = decode_stream(model, tokenizer, samples, max_new_tokens=6, engine=engine)
+    first = next(stream)
+    stream.close()
+    return first
 
 
 def test_buckets_bound_the_number_of_step_shapes():

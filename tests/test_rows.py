@@ -80,6 +80,18 @@ def test_every_format_reads_the_same_rows(tmp_path, fmt, rows):
     assert summary(read_rows(path)) == summary(reference)
 
 
+def test_csv_cells_hold_input_ids_as_json_lists(tmp_path):
+    rows = [{"id": 0, "input_ids": [5, 6, 7]}, {"id": 1, "input_ids": [8], "target": [9, 10]},
+            {"id": 2, "branches": [{"input_ids": [11, 12]}, "a cat"]}]
+    path = tmp_path / "rows.csv"
+    path.write_text('id,input_ids,target,branches\n0,"[5, 6, 7]",,\n1,[8],"[9, 10]",\n'
+                    '2,,,"[{""input_ids"": [11, 12]}, ""a cat""]"\n')
+    got = read_rows(path).rows
+    assert [r.branches for r in got] == [[{"input_ids": [5, 6, 7]}], [{"input_ids": [8], "target": [9, 10]}],
+                                         [{"input_ids": [11, 12]}, "a cat"]]
+    assert [r.branches for r in got] == [r.branches for r in read_rows(write_jsonl(tmp_path / "r.jsonl", rows)).rows]
+
+
 def test_parquet_branches_of_mixed_kinds_are_normalised(tmp_path):
     # Arrow unifies {"text"} and {"input_ids"} structs into one struct with nulls
     rows = [{"branches": [{"text": "a cat"}, {"input_ids": [5, 6]}]}, {"branches": [{"text": "a dog"}]}]
