@@ -3,12 +3,13 @@
     agree_on_done    one gather before the loop: which samples are finished, and which rank holds each
     shard            ``split_between_processes`` (padding on) over the unfinished sample indices
     run_batches      this rank's samples, batch by batch; an OOM halves the batch and retries it
-    gather_results   every rank's results on every rank (``gather_object``), de-duplicated, sorted
+    broadcast_from_main / gather_to_main   the few results the main process cannot read from the part
+                     files itself (no shared filesystem) travel to it alone
 
-No collective runs inside the batch loop: a rank that finishes early simply waits in the gather.
+No collective runs inside the batch loop: a rank that finishes early simply waits at the end.
 Padding repeats the last index on the last ranks, so a sample may be computed twice; results are
-keyed by sample index and deduplicated (both copies are equal: each sample's RNG is seeded from
-its index).
+keyed by sample index and read once (both copies are equal: each sample's RNG is seeded from its
+index).
 """
 
 from __future__ import annotations
@@ -103,14 +104,20 @@ def gather_phases(accelerator: Any, phases: dict[str, float]) -> list[dict[str, 
     return [p for _, p in sorted(gather_object([(accelerator.process_index, phases)]))]
 
 
-def gather_results(accelerator: Any, local: Iterable[tuple[int, Any]]) -> list[tuple[int, Any]]:
-    """All ranks' ``(sample index, result)`` pairs, on every rank, one per index, sorted by index.
+def broadcast_from_main(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value`` on every rank (every rank must call this)."""
+    from accelerate.utils import broadcast_object_list
 
-    Every rank must call this (the original script hung because only rank 0 did).
-    """
-    from accelerate.utils import gather_object
+    return broadcast_object_list([value], from_process=0)[0]
 
-    merged: dict[int, Any] = {}
-    for index, result in gather_object(list(local)):
-        merged.setdefault(index, result)
-    return sorted(merged.items())
+
+def gather_to_main(accelerator: Any, value: Any) -> list[Any] | None:
+    """Every rank's ``value``, in rank order, on the main process only (``None`` elsewhere): results go to
+    the process that writes them, never to every rank (every rank must call this)."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes == 1:
+        return [value]
+    gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

@@ -4,7 +4,7 @@ plus the per-rank part files that make a run resumable.
     check_writable      fail before the model loads if the output cannot be written
     sample_keys         what a finished sample is remembered by: (index, settings, sample) digest
     PartWriter          each rank appends its finished samples, flushed and fsynced per batch
-    read_part_files     every part file of any world size: finished results by (index, key)
+    PartResults         every part file of any world size: where each finished result lies, by (index, key)
     row_records         a sample's result -> the output records of its rows
     write_jsonl         ``<path>.tmp`` then ``os.replace``: no partial or overwritten output on error
     write_json          the same for ``<out>.summary.json`` (dataset totals of score / compare / leakage)
@@ -113,24 +113,60 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def read_part_files(out_path: Path) -> dict[tuple[int, str], dict[str, Any]]:
-    """Every finished result in the part files, by ``(sample index, key)``; cut lines are skipped."""
-    done: dict[tuple[int, str], dict[str, Any]] = {}
-    for path in find_part_files(out_path):
-        for entry in _read_part_lines(path):
-            done[(entry["index"], entry["key"])] = entry["result"]
-    return done
+class PartResults:
+    """Where each finished result lies in the part files this process can see, by ``(sample index, key)``
+    (an offset, not the result: memory stays small); ``get`` reads one. Cut lines are skipped.
+
+    Example:
+        >>> with PartResults(Path("out.jsonl")) as found:  # doctest: +SKIP
+        ...     result = found.get(0, key) if (0, key) in found else None
+    """
+
+    def __init__(self, out_path: Path):
+        self.where: dict[tuple[int, str], tuple[int, int]] = {}  # -> (file number, byte offset)
+        self.paths = find_part_files(out_path)
+        self._files: dict[int, Any] = {}
+        for n, path in enumerate(self.paths):
+            for offset, entry in _read_part_lines(path):
+                self.where[(entry["index"], entry["key"])] = (n, offset)
+
+    def __contains__(self, index_key: tuple[int, str]) -> bool:
+        return index_key in self.where
+
+    def get(self, index: int, key: str) -> dict[str, Any]:
+        n, offset = self.where[(index, key)]
+        if n not in self._files:
+            self._files[n] = open(self.paths[n], "rb")  # noqa: SIM115 (closed by close())
+        f = self._files[n]
+        f.seek(offset)
+        return json.loads(f.readline())["result"]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> PartResults:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _read_part_lines(path: Path) -> Iterator[dict[str, Any]]:
+def _read_part_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, entry)`` of every whole line of a part file."""
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        for line in f:
+        while True:
+            offset = f.tell()
+            line = f.readline()
+            if not line:
+                return
             try:
                 entry = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # the last line of a crashed run
             if _is_part_entry(entry):
-                yield entry
+                yield offset, entry
 
 
 def _is_part_entry(entry: Any) -> bool:

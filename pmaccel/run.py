@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,10 @@ class Job:
         keys, parallel, flat = compare.record_keys(settings)
         return output.row_records(sample, rows, result, keys=keys, parallel_keys=parallel, flat_keys=flat)
 
+    def wants_totals(self, settings: Settings) -> bool:
+        """Whether ``totals`` has anything to add (then every result is held on the main process for it)."""
+        return settings.compare or settings.leakage
+
     def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
                settings: Settings) -> tuple[dict[str, Any], list[str]]:
         """Dataset totals and the same in words, on the main process, from every sample's result once
@@ -296,21 +300,22 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     mine = distribute.shard(accelerator, todo)
     mine.sort(key=lambda i: -samples[i].num_tokens)  # similar lengths batch together; an OOM shows early
     clock.mark("shard_s")
-    fresh, timings = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys,
-                               out_path)
+    timings = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys, out_path)
     clock.mark("run_s")
     clock.phases.update(timings, samples=len(mine))
 
-    local = [(i, (r, True)) for i, r in fresh.items()]
-    local += [(i, (r, False)) for i, r in done.items() if owners[i] == accelerator.process_index]
-    merged = distribute.gather_results(accelerator, local)
+    accelerator.wait_for_everyone()  # every part file is complete
+    results = _results_on_main(accelerator, out_path, samples, keys)
     clock.mark("gather_s")
     phases = distribute.gather_phases(accelerator, clock.phases)
     records = None
     if accelerator.is_main_process:
-        records = _write_outputs(out_path, table, samples, merged, skipped, job, settings)
+        with results:
+            records, computed, kept = _write_outputs(out_path, table, samples, results, skipped, job, settings,
+                                                     set(todo))
         phases[0]["write_s"] = clock.mark("write_s")
-        records.summary = _summary(records, table, samples, skipped, merged, started, out_path, job, settings)
+        records.summary = _summary(records, table, samples, skipped, computed, kept, started, out_path, job,
+                                   settings)
         records.summary.phases = phases
         output.write_json(output.summary_path(out_path), {**dataclasses.asdict(records.summary),
                                                           "tokens_per_s": records.summary.tokens_per_s})
@@ -388,29 +393,66 @@ def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
                       device=device)
 
 
-def _resume_state(settings: Settings, accelerator: Any, out_path: Path,
-                  keys: Sequence[str]) -> dict[int, dict]:
-    """Finished results this rank can see in part files, by sample index (none with ``resume=False``)."""
+def _resume_state(settings: Settings, accelerator: Any, out_path: Path, keys: Sequence[str]) -> set[int]:
+    """Indices of the finished samples this rank can see in part files (none with ``resume=False``)."""
     parts = output.find_part_files(out_path)
     resume = settings.resume if settings.resume is not None else bool(parts)
-    done: dict[int, dict] = {}
+    done: set[int] = set()
     if resume:
-        found = output.read_part_files(out_path)
-        done = {i: found[(i, k)] for i, k in enumerate(keys) if (i, k) in found}
+        with output.PartResults(out_path) as found:
+            done = {i for i, k in enumerate(keys) if (i, k) in found}
     else:
         output.remove_part_files(parts)
     accelerator.wait_for_everyone()  # no rank deletes a part file another has opened
     return done
 
 
+class _Results:
+    """Every sample's result on the main process: read from the part files (this run's and resumed ones),
+    or, for what it cannot see there (no shared filesystem), sent to it by the rank that has it."""
+
+    def __init__(self, found: output.PartResults, sent: dict[int, dict], keys: Sequence[str]):
+        self.found, self.sent, self.keys = found, sent, keys
+
+    def get(self, index: int) -> dict:
+        if index in self.sent:
+            return self.sent[index]
+        assert (index, self.keys[index]) in self.found, f"sample {index} has no result"
+        return self.found.get(index, self.keys[index])
+
+    def __enter__(self) -> _Results:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.found.close()
+
+
+def _results_on_main(accelerator: Any, out_path: Path, samples: list[Sample], keys: Sequence[str]) -> _Results | None:
+    """The main process reads results from the part files it sees; results only other ranks can see travel
+    to it alone. Never every result on every rank."""
+    main = accelerator.is_main_process
+    found = output.PartResults(out_path) if main else None
+    missing = [s.index for s in samples if (s.index, keys[s.index]) not in found] if main else None
+    sent: dict[int, dict] = {}
+    if accelerator.num_processes > 1:
+        missing = distribute.broadcast_from_main(accelerator, missing)
+        mine: dict[int, dict] = {}
+        if missing and not main:
+            with output.PartResults(out_path) as own:
+                mine = {i: own.get(i, keys[i]) for i in missing if (i, keys[i]) in own}
+        gathered = distribute.gather_to_main(accelerator, mine) if missing else None
+        for part in gathered or []:
+            sent.update(part)
+    return _Results(found, sent, keys) if main else None
+
+
 def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokenizer: Any, samples: list[Sample],
-              keys: Sequence[str], out_path: Path) -> tuple[dict[int, dict], dict[str, float]]:
+              keys: Sequence[str], out_path: Path) -> dict[str, float]:
     """Run this rank's samples, appending results to the rank's part file as they finish (fsynced at
-    most every WRITE_EVERY_S seconds, and always before an error propagates). Returns the results by
-    sample index and the job's timings."""
+    most every WRITE_EVERY_S seconds, and always before an error propagates); results are not kept in
+    memory. Returns the job's timings."""
     from tqdm.auto import tqdm
 
-    fresh: dict[int, dict] = {}
     world = accelerator.num_processes
     bar = tqdm(total=len(samples), unit="sample", disable=not accelerator.is_main_process,
                desc=job.name if world == 1 else f"{job.name} (rank 0 of {world})")
@@ -428,7 +470,6 @@ def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokeni
         nonlocal tokens
         batch = [(samples[pos].index, r) for pos, r in results]
         unwritten.extend(batch)
-        fresh.update(batch)
         tokens += sum(job.tokens(r) for _, r in batch)
         bar.update(len(batch))
         bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.1f}", refresh=False)
@@ -441,35 +482,50 @@ def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokeni
             timings = job.run_samples(settings, model, tokenizer, samples, on_results) if samples else {}
         finally:
             write()  # what finished is kept, also when the run stops on an error
-    return fresh, timings
+    return timings
 
 
-def _write_outputs(out_path: Path, table: Table, samples: list[Sample], merged: list[tuple[int, Any]],
-                   skipped: list[Skipped], job: Job, settings: Settings) -> Records:
-    """Expand sample results to row records, in row order; write the output and the skipped rows."""
-    assert [i for i, _ in merged] == [s.index for s in samples], "a sample has no result"
-    by_row = []
-    for (_, (result, _fresh)), sample in zip(merged, samples):
-        by_row += job.records(sample, table.rows, result, settings)
-    records = Records(record for _, record in sorted(by_row, key=lambda pr: pr[0]))
-    output.write_jsonl(out_path, records)
+def _write_outputs(out_path: Path, table: Table, samples: list[Sample], results: _Results, skipped: list[Skipped],
+                   job: Job, settings: Settings, fresh: set[int]) -> tuple[Records, list[dict], list[dict]]:
+    """Expand sample results to row records in row order, streamed into the output file (samples are in row
+    order); write the skipped rows. Returns the records, the counts of the samples this run computed, and
+    every result when the job has dataset totals (else none)."""
+    records = Records()
+    computed: list[dict] = []
+    keep_all = job.wants_totals(settings)
+    kept: list[dict] = []
+
+    def lines() -> Iterator[dict]:
+        last = -1
+        for sample in samples:
+            result = results.get(sample.index)
+            if sample.index in fresh:
+                computed.append({"tokens": job.tokens(result),
+                                 "generated": sum(result.get("num_generated_tokens", []))})
+            if keep_all:
+                kept.append(result)
+            for pos, record in job.records(sample, table.rows, result, settings):
+                assert pos > last, "samples come in row order"
+                last = pos
+                records.append(record)
+                yield record
+
+    output.write_jsonl(out_path, lines())
     errors = output.errors_path(out_path)
     if skipped:
         output.write_jsonl(errors, (
             {"file": table.path, "row": s.number, "error": s.error, "input": s.content} for s in skipped))
     else:
         errors.unlink(missing_ok=True)  # from an earlier run
-    return records
+    return records, computed, kept
 
 
-def _summary(records: Records, table: Table, samples: list[Sample], skipped: list[Skipped],
-             merged: list[tuple[int, Any]], started: float, out_path: Path, job: Job, settings: Settings) -> Summary:
-    fresh = [result for _, (result, is_fresh) in merged if is_fresh]
-    totals, notes = job.totals(samples, [result for _, (result, _fresh) in merged], table.rows, settings)
+def _summary(records: Records, table: Table, samples: list[Sample], skipped: list[Skipped], computed: list[dict],
+             kept: list[dict], started: float, out_path: Path, job: Job, settings: Settings) -> Summary:
+    totals, notes = job.totals(samples, kept, table.rows, settings) if kept else ({}, [])
     return Summary(
         rows=len(records), samples=len(samples), branches=sum(len(s.branches) for s in samples),
-        skipped_rows=len(skipped), samples_computed=len(fresh), samples_resumed=len(merged) - len(fresh),
-        generated_tokens=sum(sum(r.get("num_generated_tokens", [])) for r in fresh),
-        tokens=sum(job.tokens(r) for r in fresh),
+        skipped_rows=len(skipped), samples_computed=len(computed), samples_resumed=len(samples) - len(computed),
+        generated_tokens=sum(c["generated"] for c in computed), tokens=sum(c["tokens"] for c in computed),
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
     )

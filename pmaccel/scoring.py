@@ -404,6 +404,9 @@ class ScoreJob(Job):
                 record.update(prediction=choice, correct=choice == label)
         return records
 
+    def wants_totals(self, settings: Settings) -> bool:
+        return True
+
     def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
                settings: Settings) -> tuple[dict[str, Any], list[str]]:
         return score_totals(samples, results, rows, settings.length_normalize)

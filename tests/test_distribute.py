@@ -64,11 +64,11 @@ def test_oom_with_one_sample_and_other_errors_propagate():
                                batch_size=4)
 
 
-def test_gather_in_one_process_dedupes_and_sorts():
+def test_collectives_in_one_process():
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    assert distribute.gather_results(acc, [(3, "c"), (1, "a"), (3, "c"), (2, "b")]) == [(1, "a"), (2, "b"), (3, "c")]
+    assert distribute.gather_to_main(acc, {3: "c"}) == [{3: "c"}]
     assert distribute.shard(acc, [4, 5, 6]) == [4, 5, 6] and distribute.shard(acc, []) == []
     assert distribute.agree_on_done(acc, {5, 2}) == {2: 0, 5: 0}
 
@@ -174,3 +174,47 @@ def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, 
     assert errors == [f"pmaccel: error: {data}:2: malformed JSON: Expecting ',' delimiter at column 17"], errors
     assert "[rank1]" not in proc.stderr and "gloo" not in proc.stderr.lower()
     assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _log_collectives(monkeypatch, log):
+    """Record, per rank, what each collective carries (forked ranks inherit the patches)."""
+    import accelerate.utils
+
+    def note(kind, payload):
+        with open(log, "a") as f:
+            f.write(json.dumps({"rank": _rank(), "kind": kind,
+                                "payload": json.dumps(payload, default=str)}) + "\n")
+
+    real_gather, real_to_main = accelerate.utils.gather_object, distribute.gather_to_main
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: (note("gather_object", obj), real_gather(obj))[1])
+    monkeypatch.setattr(distribute, "gather_to_main",
+                        lambda acc, value: (note("to_main", value), real_to_main(acc, value))[1])
+    return lambda: [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+
+
+@pytest.mark.parametrize("shared_filesystem", [True, False])
+def test_results_travel_to_the_main_process_only(shared_filesystem, tiny, mixed, tmp_path, monkeypatch):
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=6, batch_size=2)
+    launch(1, out_path=str(tmp_path / "one.jsonl"), **common)
+    seen = _log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
+    if not shared_filesystem:  # each rank sees its own part file only, as on nodes without a shared disk
+        real = output.find_part_files
+        monkeypatch.setattr(output, "find_part_files", lambda out: [
+            p for p in real(out) if f".part-{_rank():05d}-" in p.name])
+    launch(3, out_path=str(tmp_path / "three.jsonl"), **common)
+    assert (tmp_path / "three.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    calls = seen()
+    assert not any('"outputs"' in c["payload"] for c in calls if c["kind"] == "gather_object"), \
+        "no result goes to every rank"
+    sent = {c["rank"]: json.loads(c["payload"]) for c in calls if c["kind"] == "to_main"}
+    if shared_filesystem:
+        assert sent == {}, "the main process reads every result from the part files"
+    else:
+        assert sent[0] == {} and sent[1] and sent[2], "ranks 1 and 2 send the main process what it cannot see"
+        assert all(k.isdigit() for part in sent.values() for k in part)
