@@ -88,6 +88,27 @@ def ids_sample(main: list[int] | None, *branches: list[int]) -> dict:
     return s
 
 
+# mixed samples: with and without main, unequal branch lengths, different branch counts
+SAMPLES = [
+    ids_sample([5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15], [16]),
+    ids_sample(None, [20, 21, 22], [23]),
+    ids_sample([30], [31, 32, 33, 34, 35, 36, 37], [38, 39], [40, 41, 42], [43]),
+    ids_sample(None, [50, 51, 52, 53]),
+]
+
+
+def hf_generate(model, ids, n, eos=None, **kwargs):
+    """transformers' own greedy generate on one unpadded row (``kwargs``: e.g. repetition_penalty)."""
+    x = torch.tensor([ids], device=model.device)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0, **kwargs)
+    return out[0, x.shape[1]:].tolist()
+
+
+def main_ids(s):
+    return s.get("main", {}).get("input_ids", [])
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama and a word-level tokenizer saved as a model directory (tests/helpers_infer.py)."""

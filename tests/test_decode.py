@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ids_sample, tiny_model
+from conftest import SAMPLES, hf_generate, ids_sample, main_ids, tiny_model
 
 import pmaccel.engine
 from pmaccel import generate
@@ -10,27 +10,6 @@ from pmaccel.errors import PMAccelError
 from pmaccel.rope import patch_rope
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3"]
-
-# mixed samples: with and without main, unequal branch lengths, different branch counts
-SAMPLES = [
-    ids_sample([5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15], [16]),
-    ids_sample(None, [20, 21, 22], [23]),
-    ids_sample([30], [31, 32, 33, 34, 35, 36, 37], [38, 39], [40, 41, 42], [43]),
-    ids_sample(None, [50, 51, 52, 53]),
-]
-
-
-def hf_generate(model, ids, n, eos=None):
-    """transformers' own greedy generate on one unpadded row."""
-    x = torch.tensor([ids], device=model.device)
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                         eos_token_id=eos, pad_token_id=0)
-    return out[0, x.shape[1]:].tolist()
-
-
-def main_ids(s):
-    return s.get("main", {}).get("input_ids", [])
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_isolated_plain_rope_equals_hf_generate_per_branch(arch, ids_tokenizer):
@@ -201,10 +180,7 @@ def test_repetition_penalty_matches_hf(ids_tokenizer):
     s = SAMPLES[2]
     r = generate(model, ids_tokenizer, [s], max_new_tokens=8, repetition_penalty=1.8, mask="isolated")[0]
     for b, got in zip(s["branches"], r["output_ids"], strict=True):
-        x = torch.tensor([main_ids(s) + b["input_ids"]])
-        ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
-                             repetition_penalty=1.8, pad_token_id=0)[0, x.shape[1]:].tolist()
-        assert got == ref
+        assert got == hf_generate(model, main_ids(s) + b["input_ids"], 8, repetition_penalty=1.8)
 
 
 def test_on_step_streams_partial_outputs(ids_tokenizer):

@@ -3,8 +3,7 @@ transformers' ``generate`` per branch, and each sample decoded alone."""
 
 import pytest
 import torch
-from conftest import ids_sample, tiny_model
-from test_decode import SAMPLES, hf_generate, main_ids
+from conftest import SAMPLES, hf_generate, ids_sample, main_ids, tiny_model
 
 from pmaccel import generate
 from pmaccel.engine import Engine, EngineConfig, _bucket_for, _buckets
@@ -66,10 +65,7 @@ def test_repetition_penalty_in_a_pool_matches_hf(ids_tokenizer):
     results = generate(model, ids_tokenizer, MORE, max_new_tokens=8, repetition_penalty=1.8, batch_size=3)
     for s, r in zip(MORE, results, strict=True):
         for b, got in zip(s["branches"], r["output_ids"], strict=True):
-            x = torch.tensor([main_ids(s) + b["input_ids"]])
-            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
-                                 repetition_penalty=1.8, pad_token_id=0)[0, x.shape[1]:].tolist()
-            assert got == ref
+            assert got == hf_generate(model, main_ids(s) + b["input_ids"], 8, repetition_penalty=1.8)
 
 
 def test_rows_move_down_at_the_tail_and_results_stay(ids_tokenizer):
