@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "pmaccel.model",
     "generate": "pmaccel.decode",
+    "Engine": "pmaccel.engine",  # generate(..., engine=Engine(model)) keeps graphs and KV memory across calls
+    "EngineConfig": "pmaccel.engine",
     "infer": "pmaccel.run",
     "score": "pmaccel.scoring",  # the module is not named "score": importing it would shadow the function
     "Settings": "pmaccel.settings",

@@ -86,6 +86,9 @@ def test_rows_move_down_at_the_tail_and_results_stay(ids_tokenizer):
 
 
 def test_an_engine_is_reused_across_calls_and_released(ids_tokenizer):
+    import pmaccel
+
+    assert pmaccel.Engine is Engine and pmaccel.EngineConfig is EngineConfig  # public, for generate(engine=...)
     model = tiny_model("qwen2")
     engine = Engine(model)
     first = generate(model, ids_tokenizer, MORE, max_new_tokens=6, engine=engine)
