@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -97,6 +98,26 @@ def sample_keys(samples: Sequence[Any], settings: Any, *, kind: str = "",
                        .encode()).hexdigest()[:32]
         for s in samples
     ]
+
+
+@contextlib.contextmanager
+def exclusive(out_path: Path) -> Iterator[None]:
+    """One run at a time writes ``out_path``: a second one (another process, another notebook kernel) waits
+    for the first to finish, so that neither removes part files the other still needs."""
+    from filelock import FileLock, Timeout
+
+    path = out_path.with_name(out_path.name + ".lock")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"pmaccel: waiting for another run writing {out_path} to finish", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+        path.unlink(missing_ok=True)  # no lock file left beside the output
 
 
 def part_path(out_path: Path, rank: int, world_size: int) -> Path:

@@ -276,6 +276,12 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     accelerator = _make_accelerator(settings)
     out_path = output.check_writable(settings.out_path)  # before the model loads
     _check_model_paths(settings)
+    with output.exclusive(out_path) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run_locked(settings, job, accelerator, out_path, started, clock)
+
+
+def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, started: float,
+                clock: _Phases) -> Records | None:
     data_path = job.data_path(settings)
     # formats read through datasets build a cache: once, by the main process; JSONL is read by every rank at once
     first = accelerator.main_process_first() if _uses_datasets_cache(data_path) else contextlib.nullcontext()

@@ -194,5 +194,30 @@ def test_the_demo_on_the_embedded_model(how, hf_reference, tmp_path):
     assert "rows (" in proc.stdout  # the summary
     for row, record in zip(rows, records):  # the preview: every question and its whole answer, once
         for branch, answer in zip(row["branches"], record["outputs"]):
-            assert proc.stdout.count(f"  Q: {branch}") == 1
+            assert proc.stdout.count(f"  Q: {branch.strip()}") == 1
             assert " ".join(f"  A: {answer.strip() or '(no text)'}".split()) in " ".join(proc.stdout.split())
+    assert "[cut at --max_new_tokens]" in proc.stdout  # 8 new tokens end most answers early
+
+
+def test_two_runs_on_one_output_take_turns(tiny, tmp_path):
+    """A second run on the same output (another process, another notebook kernel) waits for the first,
+    so that neither removes the part files the other still needs."""
+    data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
+    common = dict(base_model=str(tiny), data_path=str(data), branches_per_sample=2, max_new_tokens=8, batch_size=1)
+    infer(out_path=str(tmp_path / "reference.jsonl"), **common)
+    out = tmp_path / "out.jsonl"
+    argv = [f"--{k}={v}" for k, v in common.items()] + ["--out_path", str(out)]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *argv], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    part = tmp_path / "out.jsonl.part-00000-of-00001.jsonl"
+    deadline = time.monotonic() + 120
+    while not part.exists():  # the first run is decoding
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "pmaccel", *argv], env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert first.wait(timeout=300) == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert f"pmaccel: waiting for another run writing {out} to finish" in second.stderr
+    assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl")) == [
+        "out.jsonl", "out.jsonl.summary.json"], "no part or lock file left"
