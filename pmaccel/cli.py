@@ -66,12 +66,22 @@ def _print_preview(records: list[dict], out_path: str) -> None:
     for record in records[:PREVIEW_RECORDS]:
         print("-" * width)
         if record.get("main"):
-            print(textwrap.fill(record["main"], width))
+            print(_fill(record["main"], "", width))
         branches = record.get("branches") or [record.get("text") or record.get("prompt", "")]
         outputs = record.get("outputs") or [record.get("output", "")]
-        for branch, out in zip(branches, outputs):
+        reasons = record.get("finish_reasons") or [record.get("finish_reason")]
+        for branch, out, reason in zip(branches, outputs, reasons):
             text = branch if isinstance(branch, str) else branch.get("text", branch)
-            print(textwrap.fill(str(text), width, initial_indent="  Q: ", subsequent_indent="     "))
-            print(textwrap.fill(out.strip() or "(no text)", width, initial_indent="  A: ", subsequent_indent="     "))
+            print(_fill(str(text).strip(), "  Q: ", width))
+            cut = " [cut at --max_new_tokens]" if reason == "length" else ""
+            print(_fill((out.strip() or "(no text)") + cut, "  A: ", width))
     if len(records) > PREVIEW_RECORDS:
         print(f"... and {len(records) - PREVIEW_RECORDS} more rows in {out_path}")
+
+
+def _fill(text: str, label: str, width: int) -> str:
+    """Wrap each line of ``text`` on its own (lists and paragraphs keep their breaks), under ``label``."""
+    indent = " " * len(label)
+    lines = [textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent) if line.strip() else ""
+             for line in text.splitlines() or [""]]
+    return label + "\n".join(lines)[len(indent):]
