@@ -242,3 +242,29 @@ def test_rows_of_the_example_file_make_samples(tok):
     samples, skipped = make_samples(read_rows(None), tok, Grouping())
     assert len(samples) == len(read_rows(None).rows) and not skipped
     assert Path(example_path()).read_text().count("\n") == len(samples)
+
+
+def test_batched_token_counts_equal_one_sample_at_a_time(tmp_path, monkeypatch):
+    """Rows are tokenized a chunk per tokenizer call; every sample's count is what tokenize_sample gives it."""
+    from helpers_infer import make_tokenizer
+
+    import pmaccel.rows
+    from pmaccel.samples import tokenize_sample
+
+    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_CHUNK", 3)  # several chunks, a row split from its group
+    tok = make_tokenizer()
+    rows = MIXED_ROWS + [{"main": "", "branches": [{"input_ids": [5, 6]}, "the cat", {"text": "a red sun"}]},
+                         {"text": "one two three"}, {"input_ids": [7, 8, 9]}]
+    table = read_rows(write_jsonl(tmp_path / "rows.jsonl", rows))
+    samples, skipped = make_samples(table, tok, Grouping(branches_per_sample=2))
+    assert not skipped and samples
+    for s in samples:
+        assert s.num_tokens == tokenize_sample(s.as_input(), tok).num_tokens
+
+
+def test_an_empty_branch_is_named_when_counted_in_a_batch(tmp_path):
+    from helpers_infer import make_tokenizer
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"branches": ["the cat", "   ", "a dog"]}])
+    with pytest.raises(PMAccelError, match=r"rows.jsonl:1: branches\[1\]: branch is empty after tokenization"):
+        make_samples(read_rows(path), make_tokenizer(), Grouping())
