@@ -168,9 +168,8 @@ class Runner:
         self.cache = SlotCache(R, S)
         self.is_stop = torch.zeros(V, dtype=torch.bool, device=device)
         self.is_stop[[i for i in opts.stop_ids if 0 <= i < V]] = True
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.use_graphs = graphs
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows -> the captured step
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None  # one memory pool for every graph
 
     # ------------------------------------------------------------------ the step (capturable)
     def step(self, n: int) -> None:
@@ -220,11 +219,13 @@ class Runner:
             dst[r] = empty
             dst[r, :n] = src
         self.cache.prefill(r, n)
-        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d).to(dev)
-        b_idx = [b for b, p in enumerate(packs) for _ in p.last_index]  # logits only where a branch continues
+        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d).to(dev)  # [B, N(, 3)]
+        slots = torch.arange(n, device=dev).expand(len(packs), n)  # [B, N]: a prompt token's own slot
+        # logits only where a branch continues: E = every branch's last prompt token
+        b_idx = [b for b, p in enumerate(packs) for _ in p.last_index]
         cols = [c for p in packs for c in p.last_index]
-        logits = self.call(batch.input_ids.to(dev), positions, meta, meta, torch.arange(n, device=dev).expand(len(packs), n),
-                           self.cache, select=(torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev)))  # [E, V]
+        select = (torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev))
+        logits = self.call(batch.input_ids.to(dev), positions, meta, meta, slots, self.cache, select=select)  # [E, V]
         # per lane: [B, K] on the host, then one copy each
         lane = lambda fill: torch.full((len(packs), K), fill, dtype=torch.long)  # noqa: E731
         bid, bpos, ltime, base, hlen = lane(-1), lane(0), lane(0), lane(self.S - 1), lane(0)
