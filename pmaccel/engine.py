@@ -386,6 +386,7 @@ class Engine:
         pending.reverse()  # pop() from the end
         free = list(range(runner.R - 1, -1, -1))  # pop() gives the lowest row
         live: dict[int, int] = {}  # row -> position in packs
+        started: dict[int, int] = {}  # row -> the step its sample was admitted at
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
         steps = 0
         while pending or live:
@@ -400,15 +401,18 @@ class Engine:
                     rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
                     runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
                     live.update(chunk)
+                    started.update((r, steps) for r in rows)
                     st["prefills"] += 1
                 _sync(self.device)
                 st["prefill_s"] += time.perf_counter() - t
             # decode a few steps over the smallest bucket that holds every live row
             t = time.perf_counter()
             n = _bucket_for(max(live) + 1, runner.R)
-            runner.run_steps(n, sync)
-            steps += sync
-            st["steps"] += sync
+            # check again no later than the step at which the first live sample must end (max_new_tokens)
+            count = max(1, min(sync, min(opts.max_new_tokens - (steps - started[r]) for r in live)))
+            runner.run_steps(n, count)
+            steps += count
+            st["steps"] += count
             alive = runner.state.active[:n].any(1).tolist()
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
@@ -419,7 +423,7 @@ class Engine:
                 free.extend(done)
                 free.sort(reverse=True)
                 if not pending:
-                    st["row_moves"] += _compact(runner, live, free)
+                    st["row_moves"] += _compact(runner, live, free, started)
 
     def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], packs) -> Iterator[Result]:
         s = runner.state
@@ -447,7 +451,7 @@ def _bucket_for(rows: int, R: int) -> int:
     return n
 
 
-def _compact(runner: Runner, live: dict[int, int], free: list[int]) -> int:
+def _compact(runner: Runner, live: dict[int, int], free: list[int], started: dict[int, int]) -> int:
     """Move live rows down into free lower rows, so the steps run over a smaller bucket. Returns the moves."""
     moves = 0
     while live and free and min(free) < max(live):
@@ -455,6 +459,7 @@ def _compact(runner: Runner, live: dict[int, int], free: list[int]) -> int:
         runner.move_row(src, dst)
         runner.clear_row(src)
         live[dst] = live.pop(src)
+        started[dst] = started.pop(src)
         free.remove(dst)
         free.append(src)
         moves += 1

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -313,6 +314,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     accelerator.wait_for_everyone()  # every part file is complete
     results = _results_on_main(accelerator, out_path, samples, keys)
     clock.mark("gather_s")
+    clock.phases["peak_rss_gb"] = _peak_rss_gb()
     phases = distribute.gather_phases(accelerator, clock.phases)
     records = None
     if accelerator.is_main_process:
@@ -332,6 +334,16 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     if accelerator.is_main_process:
         output.remove_part_files(output.find_part_files(out_path))
     return records
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 3)
 
 
 class _Phases:
