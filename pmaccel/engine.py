@@ -345,6 +345,7 @@ class Engine:
             old.clear_row(slice(None))  # rows a stopped run left behind are free again
             return old  # a later call that fits reuses the buffers and graphs
         self.release()
+        self.stats["rows"] = R  # before allocating: an out-of-memory error here is retried with fewer rows
         t = time.perf_counter()
         runner = Runner(self.model, opts, R, K, S, W, graphs)
         if graphs:

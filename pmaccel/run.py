@@ -137,9 +137,8 @@ class Job:
         from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
         from pmaccel import decode
-        from pmaccel.engine import Engine
 
-        engine = Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+        engine = _engine(settings, model)
         extras = _Extras(settings, model, tokenizer) if settings.compare or settings.leakage else None
         held: list[tuple[int, dict]] = []  # finished, waiting for their --compare/--leakage extras
 
@@ -227,15 +226,20 @@ def _generate_kwargs(settings: Settings) -> dict[str, Any]:
     )
 
 
+def _engine(settings: Settings, model: Any) -> Any:
+    """A decode engine whose pool ``--batch_size`` caps (0: sized from the device memory)."""
+    from pmaccel import decode
+    from pmaccel.engine import Engine
+
+    return Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+
+
 class _Extras:
-    """``--compare`` / ``--leakage`` for one finished sample (the reference decode has its own engine)."""
+    """``--compare`` / ``--leakage`` for a chunk of finished samples (the reference decode has its own engine)."""
 
     def __init__(self, settings: Settings, model: Any, tokenizer: Any):
-        from pmaccel import decode
-        from pmaccel.engine import Engine
-
         self.settings, self.model, self.tokenizer = settings, model, tokenizer
-        self.engine = Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+        self.engine = _engine(settings, model)
 
     def __call__(self, items: list[tuple[int, Sample, dict]]) -> list[tuple[int, dict]]:
         """``(position, sample, full result)`` -> ``(position, compact result with the extras)``."""

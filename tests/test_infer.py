@@ -218,6 +218,24 @@ def test_out_of_memory_halves_the_pool_and_goes_on(run, reference, tmp_path, mon
     assert not parts(tmp_path)
 
 
+def test_out_of_memory_while_allocating_the_pool_halves_it(run, reference, tmp_path, monkeypatch):
+    import pmaccel.engine
+
+    real = pmaccel.engine.Runner.__init__
+    sizes = []
+
+    def init(self, model, opts, R, *args, **kwargs):
+        sizes.append(R)
+        if len(sizes) == 1:  # the first pool does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        real(self, model, opts, R, *args, **kwargs)
+
+    monkeypatch.setattr(pmaccel.engine.Runner, "__init__", init)
+    run(batch_size=4, name="out.jsonl")
+    assert sizes == [4, 2], sizes
+    assert (tmp_path / "out.jsonl").read_bytes() == reference
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
