@@ -19,6 +19,7 @@ run: every run is a fresh subprocess (wall clock around it, logs in <workdir>/lo
     batch          all of a process's prompts in one model.generate_batch() (transformers' continuous batching)
     pmaccel        the CLI: pmaccel --base_model model --data_path rows.jsonl --out_path ... --max_new_tokens N
     pmaccel_patch  the same with --patch_rope (2D RoPE, columnar mask)
+    pmaccel_det, pmaccel_patch_det   the same two with --deterministic (batch-invariant kernels)
     One GPU: plain `python` / `pmaccel`; N > 1: `accelerate launch --multi_gpu --num_processes N`.
     Runs named in --twice (default static, pmaccel, pmaccel_patch) run twice: "first" with empty compile
     caches (HOME, XDG_CACHE_HOME, PMACCEL_CACHE, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR point at a fresh
@@ -49,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-RUNS = ("idiom", "static", "batch", "pmaccel", "pmaccel_patch")
+RUNS = ("idiom", "static", "batch", "pmaccel", "pmaccel_patch", "pmaccel_det", "pmaccel_patch_det")
 IDIOM_MODES = {"idiom": "generate", "static": "static", "batch": "batch"}
 EOS_EVERY, EOS_AT = 64, 7  # stop ids: every i with i % EOS_EVERY == EOS_AT
 TINY_VOCAB = 49152  # the SmolLM2 tokenizer's ids
@@ -182,8 +183,10 @@ def command(run: str, gpus: int, out: Path, args: argparse.Namespace) -> list[st
         "--max_new_tokens", str(args.max_new_tokens), "--dtype", resolved_dtype(args)]
     if args.device != "auto":
         cmd += ["--device", args.device]
-    if run == "pmaccel_patch":
+    if "patch" in run:
         cmd.append("--patch_rope")
+    if run.endswith("_det"):
+        cmd.append("--deterministic")
     return cmd + shlex.split(args.pmaccel_args)
 
 
@@ -301,7 +304,7 @@ def compare(jobs: list[Job], model_dir: Path) -> None:
     skip_special_tokens=True, with the same number of tokens.
     """
     idioms = {j.gpus: read_jsonl(j.out) for j in jobs if j.run == "idiom" and "error" not in j.result}
-    todo = [j for j in jobs if j.run not in ("idiom", "pmaccel_patch") and "error" not in j.result
+    todo = [j for j in jobs if j.run != "idiom" and "patch" not in j.run and "error" not in j.result
             and idioms.get(j.gpus)]
     if not todo:
         return

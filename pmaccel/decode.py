@@ -77,11 +77,13 @@ def check_call(model: Any, samples: Sequence, *, mask: str | None, batch_size: i
     return rope_2d, mask, indices
 
 
-def engine_config(batch_size: int | None, batch_by_samples: bool = True) -> EngineConfig:
+def engine_config(batch_size: int | None, batch_by_samples: bool = True, deterministic: bool = False) -> EngineConfig:
     """The engine configuration for a ``batch_size`` (an upper bound on the pool; ``None``: automatic)."""
     if batch_size is None:
-        return EngineConfig()
-    return EngineConfig(max_rows=batch_size) if batch_by_samples else EngineConfig(max_lanes=batch_size)
+        return EngineConfig(deterministic=deterministic)
+    if batch_by_samples:
+        return EngineConfig(max_rows=batch_size, deterministic=deterministic)
+    return EngineConfig(max_lanes=batch_size, deterministic=deterministic)
 
 
 def generate(
@@ -108,6 +110,7 @@ def generate(
     indices: Sequence[int] | None = None,
     on_step: Callable[[int, list[dict]], None] | None = None,
     engine: Engine | None = None,
+    deterministic: bool = False,
 ) -> list[dict]:
     """Decode parallel samples: every branch of every sample continues in one packed sequence.
 
@@ -137,6 +140,9 @@ def generate(
         engine: the ``pmaccel.engine.Engine`` to decode on (keeps its graphs and KV memory for the next
             call; its own configuration sizes the pool, ``batch_size`` is not used); default: a new one,
             released before returning.
+        deterministic: batch-invariant kernels on CUDA (``pmaccel.invariant``): each sample's tokens are
+            the same whatever its companions, the batch size or the process count (a given ``engine``
+            keeps its own setting).
 
     Returns:
         One dict per sample, in input order: ``outputs`` (text per branch), ``output_ids``,
@@ -154,7 +160,7 @@ def generate(
             batch_size=batch_size, batch_by_samples=batch_by_samples, chat_template=chat_template,
             branch_stride=branch_stride, align=align, interleave_branches=interleave_branches,
             random_time_offset=random_time_offset, stop_token_ids=stop_token_ids, indices=indices,
-            on_step=on_step, engine=engine):
+            on_step=on_step, engine=engine, deterministic=deterministic):
         results[position] = result
     return results  # type: ignore[return-value]
 
@@ -166,7 +172,7 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
                   branch_stride: int = 128, align: str = "left", interleave_branches: bool = True,
                   random_time_offset: bool = False, stop_token_ids: Sequence[int] | None = None,
                   indices: Sequence[int] | None = None, on_step: Callable[[int, list[dict]], None] | None = None,
-                  engine: Engine | None = None) -> Iterator[tuple[int, dict]]:
+                  engine: Engine | None = None, deterministic: bool = False) -> Iterator[tuple[int, dict]]:
     """``generate``, yielding ``(position in samples, result)`` as each sample finishes (arguments as there)."""
     rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
     if align not in ALIGNS:
@@ -205,7 +211,7 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     own = engine is None
     if engine is None:
-        engine = Engine(model, engine_config(batch_size, batch_by_samples))
+        engine = Engine(model, engine_config(batch_size, batch_by_samples, deterministic))
     try:
         for r in engine.run(packs, indices, opts, pad_id=pad_id, on_step=on_step):
             yield r.position, {

@@ -18,6 +18,7 @@ The same step runs eagerly on the CPU (no graph), so there is one decode path ev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from pmaccel.forward import ModelCall
+from pmaccel.invariant import invariant_mode
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
@@ -46,6 +48,8 @@ class EngineConfig:
         sync_every: steps between host checks for finished samples.
         prefill_tokens: most padded prompt tokens in one prefill forward.
         memory_fraction: share of the free device memory the pool (KV slots and logits) may take.
+        deterministic: run the batch-invariant kernels on CUDA (``pmaccel.invariant``): a sample's
+            tokens then do not depend on its companions, the pool size or the process count.
     """
 
     max_rows: int | None = None
@@ -54,6 +58,7 @@ class EngineConfig:
     sync_every: int = 8
     prefill_tokens: int = 8192
     memory_fraction: float = 0.6
+    deterministic: bool = False
 
 
 # ----------------------------------------------------------------------------- state on the device
@@ -372,11 +377,17 @@ class Engine:
         batches = self._run(list(packs), list(indices), opts, pad_id, on_step)
         while True:
             # the engine's own modes hold only while its code runs, not while the caller handles results
-            with torch.inference_mode(), grouped_attention(self.model):
+            with torch.inference_mode(), self.attention():
                 finished = next(batches, None)
             if finished is None:
                 return
             yield from finished
+
+    def attention(self) -> contextlib.AbstractContextManager:
+        """The attention (and, when deterministic, GEMM and norm) kernels the engine runs the model with."""
+        if self.config.deterministic and self.device.type == "cuda":
+            return invariant_mode(self.model)
+        return grouped_attention(self.model)
 
     def _run(self, packs, indices, opts, pad_id, on_step) -> Iterator[list[Result]]:
         runner = self._runner(packs, opts)

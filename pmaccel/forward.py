@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pmaccel.invariant import KEYS_KWARG, is_invariant, key_lists
 from pmaccel.layout import TokenMeta, additive_mask, allowed
 from pmaccel.slots import fold_mask, mask_groups
 
@@ -47,11 +48,14 @@ class ModelCall:
         full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns),
         or [E, V] when ``select = (rows [E], columns [E])`` picks single tokens: the output layer then
         runs on those E hidden states only."""
-        mask = additive_mask(allowed(query, keys, query_slot, self.mask), self.dtype)  # [B, 1, Q, S]
+        seen = allowed(query, keys, query_slot, self.mask)  # [B, Q, S]
+        mask = additive_mask(seen, self.dtype)  # [B, 1, Q, S]
         groups = mask_groups(self.model)
         if groups > 1:  # grouped attention folds the query heads into Q: fold the mask once, not per layer
             mask = fold_mask(mask, groups)  # [B, 1, G*Q, S]
         kwargs: dict[str, Any] = {} if cache is None else {self.cache_name: cache}
+        if is_invariant(self.model):  # each query's key list, built once for every layer
+            kwargs[KEYS_KWARG] = key_lists(seen)
         if keep is not None:
             kwargs["logits_to_keep"] = keep
         hook = None

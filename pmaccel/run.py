@@ -52,6 +52,7 @@ class Summary:
     notes: list[str] = dataclasses.field(default_factory=list)  # the totals, in words
     phases: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per rank: seconds per phase
     tokens: int = 0  # tokens this run worked on: generated (pmaccel), or scored targets (pmaccel score)
+    deterministic: bool = False  # batch-invariant kernels (--deterministic): results independent of the batch
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,6 +64,7 @@ class Summary:
         return (f"{self.job}: {self.rows} rows ({self.samples} samples, {self.branches} branches) -> "
                 f"{self.out_path}; {work}; {self.samples_computed} samples computed, "
                 f"{self.samples_resumed} resumed; {self.skipped_rows} rows skipped"
+                + ("; deterministic" if self.deterministic else "")
                 + "".join(f"\n  {note}" for note in self.notes))
 
 
@@ -231,7 +233,8 @@ def _engine(settings: Settings, model: Any) -> Any:
     from pmaccel import decode
     from pmaccel.engine import Engine
 
-    return Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples))
+    return Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples,
+                                              settings.deterministic))
 
 
 class _Extras:
@@ -550,4 +553,5 @@ def _summary(records: Records, table: Table, samples: list[Sample], skipped: lis
         skipped_rows=len(skipped), samples_computed=len(computed), samples_resumed=len(samples) - len(computed),
         generated_tokens=sum(c["generated"] for c in computed), tokens=sum(c["tokens"] for c in computed),
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
+        deterministic=settings.deterministic,
     )

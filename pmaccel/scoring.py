@@ -200,13 +200,15 @@ def pack_for_scoring(st: ScoreTokens, *, branch_stride: int = 128, align: str = 
 
 
 def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: bool,
-                    pad_id: int = 0) -> list[list[list[float]]]:
-    """Log-probabilities of every target token of a few packed samples, from ONE forward (no cache).
+                    pad_id: int = 0, deterministic: bool = False) -> list[list[list[float]]]:
+    """Log-probabilities of every target token of a few packed samples, from ONE forward (no cache);
+    ``deterministic``: with the batch-invariant kernels on CUDA (``pmaccel.invariant``).
 
     Returns:
         ``[sample][branch][token]`` log-probs (float32 log-softmax of the logits).
     """
     from pmaccel.forward import ModelCall
+    from pmaccel.invariant import invariant_mode
     from pmaccel.layout import TokenMeta, collate
 
     batch = collate([p.packed for p in packs], pad_id)
@@ -218,7 +220,7 @@ def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: 
     ids = [t for p in packs for ts in p.targets for t in ts]
     keep = sorted(set(cols))  # only the logits that score something: [B, K, V]
     where = {c: i for i, c in enumerate(keep)}
-    with torch.inference_mode():
+    with torch.inference_mode(), invariant_mode(model, deterministic):
         logits = ModelCall.of(model, mask)(batch.input_ids.to(device), batch.positions(rope_2d).to(device), meta,
                                            meta, torch.arange(n, device=device).expand(len(packs), n), None,
                                            keep=torch.tensor(keep, device=device))
@@ -250,6 +252,7 @@ def score_samples(
     random_time_offset: bool = False,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    deterministic: bool = False,
 ) -> list[dict]:
     """Teacher-forced log-likelihood of each branch's target under the packed layout.
 
@@ -267,6 +270,8 @@ def score_samples(
         random_time_offset: shift each branch's times by a seeded random amount (as ``generate``).
         seed: seeds the time offsets, per sample index.
         indices: the global index of each sample; default ``range(len(samples))``.
+        deterministic: batch-invariant kernels on CUDA: each sample's scores are the same whatever the
+            batch, its companions or the process count.
 
     Returns:
         One dict per sample, in input order, per branch: ``logprobs`` (summed log-prob of the target),
@@ -302,7 +307,7 @@ def score_samples(
         end = batch_end(sizes, start, batch_size, batch_by_samples)
         mb = order[start:end]
         for i, per_branch in zip(mb, target_logprobs(model, [packs[i] for i in mb], mask=mask, rope_2d=rope_2d,
-                                                     pad_id=pad_id)):
+                                                     pad_id=pad_id, deterministic=deterministic)):
             results[i] = _result(per_branch, packs[i].packed.num_tokens)
         start = end
     return results  # type: ignore[return-value]
@@ -378,7 +383,7 @@ class ScoreJob(Job):
                 batch_size=batch_size, batch_by_samples=settings.batch_by_samples, mask=settings.mask,
                 chat_template=settings.chat_template, branch_stride=settings.branch_stride, align=settings.align,
                 interleave_branches=settings.interleave_branches, random_time_offset=settings.random_time_offset,
-                seed=settings.seed,
+                seed=settings.seed, deterministic=settings.deterministic,
             )
             return [{"logprobs": r["logprobs"], "num_target_tokens": r["num_target_tokens"]} for r in results]
 

@@ -1,0 +1,282 @@
+"""Batch-invariant decoding on CUDA (``--deterministic``): a sample's arithmetic does not depend on its
+companions, the batch size, its row or lane, or the number of processes.
+
+Why tokens change with the batch on a GPU: cuBLAS picks its GEMM kernel (tiling, split-K) from the
+shapes, torch's reductions pick their split from the number of rows, and attention kernels split the
+keys by length; each choice changes the order of a sum, and bf16 rounds the difference into other
+tokens. Under ``invariant_mode(model)`` the three operations whose sums run across a dimension go to
+kernels with one fixed reduction order whatever the shapes:
+
+    F.linear          a tiled GEMM with one tiling for every shape (no split-K): each output element
+                      sums its K products in the same order whatever M is
+    mean(dim=-1)      (RMSNorm) one program per row, the row summed in one fixed tree
+    attention         per query, over the ordered list of the keys it may see (the mask compacted):
+                      the sum runs in fixed blocks of that list, so it depends neither on the other
+                      rows nor on where the keys sit in the KV memory (gaps, padding, slot count)
+
+Everything else in a decoder is elementwise or per row already. The last property makes a branch of a
+packed sample under the isolated mask compute exactly what it computes decoded alone (``--compare``).
+
+The kernels are Triton (shipped with CUDA builds of torch). On the CPU the mode changes nothing: the
+CPU path is batch-invariant in fp32 as it is (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from transformers import AttentionInterface
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton
+    triton = None
+
+INVARIANT_ATTENTION = "pmaccel_invariant"
+KEYS_KWARG = "pmaccel_keys"  # the compacted key lists of one forward, computed once for every layer
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64  # the one GEMM tiling
+BLOCK_KEYS = 64  # keys per attention block
+
+
+def available() -> bool:
+    """Whether the invariant kernels can run here (a CUDA device and Triton)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["M"])
+    def _linear_kernel(x, w, bias, out, M, N, K, sxm, sxk, swn, swk, som, son,
+                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: M x N may pass 2**31
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            a = tl.load(x + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b = tl.load(w + rn[None, :] * swn + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + rm[:, None] * som + rn[None, :] * son, acc.to(out.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _row_mean_kernel(x, out, rows, n, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            acc += tl.load(x + row * stride + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
+        tl.store(out + row, tl.sum(acc, axis=0) / n)
+
+    @triton.jit
+    def _row_cumsum_kernel(x, out, n, sx, so, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        carry = tl.zeros((), dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            v = tl.load(x + row * sx + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
+            c = tl.cumsum(v, axis=0) + carry
+            tl.store(out + row * so + start + offs, c.to(out.dtype.element_ty), mask=start + offs < n)
+            carry = tl.sum(tl.where(offs == BLOCK - 1, c, 0.0), axis=0)  # the chunk's last sum, exactly
+
+    @triton.jit(do_not_specialize=["B", "Q"])
+    def _attention_kernel(q, k, v, out, keys, count, scale, B, Q, G, D,
+                          sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sob, soq, soh, sib, siq, scb,
+                          PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        qi = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)  # int64: a large KV memory passes 2**31 elements
+        hk = tl.program_id(2)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, BD)
+        heads = hk * G + g
+        gm = g < G
+        dm = d < D
+        qt = tl.load(q + b * sqb + heads[:, None] * sqh + qi * sqq + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+        n = tl.load(count + b * scb + qi)
+        m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BG,), dtype=tl.float32)
+        acc = tl.zeros((BG, BD), dtype=tl.float32)
+        for j0 in range(0, n, BS):
+            j = j0 + tl.arange(0, BS)
+            jm = j < n
+            slot = tl.load(keys + b * sib + qi * siq + j, mask=jm, other=0)
+            kt = tl.load(k + b * skb + hk * skh + slot[None, :] * sks + d[:, None], mask=jm[None, :] & dm[:, None],
+                         other=0.0)  # [BD, BS]
+            s = tl.dot(qt, kt, input_precision=PRECISION) * scale  # [BG, BS]
+            s = tl.where(jm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v + b * svb + hk * svh + slot[:, None] * svs + d[None, :], mask=jm[:, None] & dm[None, :],
+                         other=0.0)  # [BS, BD]
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        tl.store(out + b * sob + qi * soq + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty),
+                 mask=gm[:, None] & dm[None, :])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with one GEMM tiling for every shape: row i of the result depends on row i of ``x``
+    alone, bit for bit, whatever the number of rows."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    M, K = x2.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M:
+        grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+        _linear_kernel[grid](x2, weight, bias if bias is not None else out, out, M, N, K,
+                             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                             HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                             BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=8, num_stages=3)
+    return out.reshape(*shape[:-1], N)
+
+
+def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``x.mean(-1)`` summed in one fixed order per row (RMSNorm's variance), whatever the number of rows."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        block = min(triton.next_power_of_2(n), 4096)
+        _row_mean_kernel[(x2.shape[0],)](x2, out, x2.shape[0], n, x2.stride(0), BLOCK=block, num_warps=4)
+    out = out.to(x.dtype).reshape(x.shape[:-1])
+    return out.unsqueeze(-1) if keepdim else out
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum(-1)`` of a float tensor, each row scanned in one fixed order whatever the number of rows."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.numel():
+        _row_cumsum_kernel[(x2.shape[0],)](x2, out, n, x2.stride(0), out.stride(0), BLOCK=1024, num_warps=4)
+    return out.reshape(x.shape)
+
+
+def key_lists(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """allowed [B, Q, S] bool -> (keys [B, Q, S] int32: the slots query q may see, in slot order, first;
+    count [B, Q] int32)."""
+    B, Q, S = allowed.shape
+    at = allowed.long().cumsum(-1) - 1  # where each allowed slot goes in its query's list
+    keys = torch.zeros(B, Q, S + 1, dtype=torch.int32, device=allowed.device)
+    slots = torch.arange(S, dtype=torch.int32, device=allowed.device).expand(B, Q, S)
+    keys.scatter_(2, torch.where(allowed, at, S), slots)  # the slots not allowed all land in column S
+    return keys[..., :S], allowed.sum(-1, dtype=torch.int32)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """Each query over its own key list. query [B, H, Q, D]; key/value [B, H_kv, S, D]; keys [B, Q, >=n]
+    and count [B, Q] from ``key_lists`` -> [B, Q, H, D]. The G query heads that share a KV head are one
+    program (no K/V copy per head)."""
+    B, H, Q, D = query.shape
+    h_kv = key.shape[1]
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    out = torch.empty(B, Q, H, D, dtype=query.dtype, device=query.device)
+    G = H // h_kv
+    if B and Q:
+        _attention_kernel[(Q, B, h_kv)](
+            query, key, value, out, keys, count, scale, B, Q, G, D,
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            keys.stride(0), keys.stride(1), count.stride(0),
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            BG=max(16, triton.next_power_of_2(G)), BS=BLOCK_KEYS, BD=max(16, triton.next_power_of_2(D)), num_warps=4)
+    return out
+
+
+def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``attention`` for transformers' ``AttentionInterface``: mask [B, 1, Q, S] additive (0 = allowed);
+    the key lists come with the forward's keyword arguments (``KEYS_KWARG``), else from the mask."""
+    if attention_mask is None or kwargs.get("softcap") is not None or not query.is_cuda:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        kwargs.pop(KEYS_KWARG, None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, _, Q, D = query.shape
+    lists = kwargs.get(KEYS_KWARG)
+    if lists is None or tuple(lists[1].shape) != (B, Q):
+        lists = key_lists(attention_mask[:, 0] == 0)
+    return attention(query, key, value, *lists, D**-0.5 if scaling is None else scaling), None
+
+
+AttentionInterface.register(INVARIANT_ATTENTION, invariant_attention)
+
+
+class _InvariantOps(TorchFunctionMode):
+    """Sends ``F.linear`` and last-dimension ``mean`` and ``cumsum`` on CUDA to the fixed-order kernels, and
+    makes ``sort`` stable (top-p sorts the scores: equal scores must come out in one order)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.sort, torch.Tensor.sort) and args[0].is_cuda:
+            return func(*args, **{**kwargs, "stable": True})
+        if func in (torch.cumsum, torch.Tensor.cumsum) and args[0].is_cuda and args[0].is_floating_point():
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dim in (-1, args[0].ndim - 1) and kwargs.get("dtype") is None and kwargs.get("out") is None:
+                return row_cumsum(args[0])
+        if func is F.linear and args[0].is_cuda:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return linear(args[0], args[1], bias)
+        if func in (torch.mean, torch.Tensor.mean) and args[0].is_cuda and args[0].is_floating_point():
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            if dim in (-1, args[0].ndim - 1, (-1,), [-1]) and kwargs.get("dtype") is None:
+                return row_mean(args[0], keepdim)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def invariant_mode(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Run ``model`` with the batch-invariant kernels (on CUDA; a no-op elsewhere or when not ``enabled``).
+
+    Args:
+        model: a transformers causal LM with sdpa or eager attention.
+        enabled: ``False`` makes this a no-op (callers pass their ``deterministic`` flag).
+
+    Example:
+        >>> with invariant_mode(model):  # doctest: +SKIP
+        ...     logits = model(input_ids=ids, attention_mask=mask4d).logits
+    """
+    device = next(model.parameters()).device
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    if triton is None:
+        from pmaccel.errors import PMAccelError
+
+        raise PMAccelError("--deterministic on CUDA needs Triton (it ships with the CUDA builds of torch); "
+                           "install torch with CUDA support or drop --deterministic", field="deterministic")
+    before = model.config._attn_implementation
+    model.set_attn_implementation(INVARIANT_ATTENTION)
+    try:
+        with _InvariantOps():
+            yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def is_invariant(model: Any) -> bool:
+    """Whether ``model`` currently runs the invariant attention (``ModelCall`` then passes the key lists)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg._attn_implementation == INVARIANT_ATTENTION

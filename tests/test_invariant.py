@@ -1,0 +1,256 @@
+"""Batch-invariant decoding (``pmaccel.invariant``, ``--deterministic``).
+
+Kernel tests run where Triton can run them: on a CUDA device, or on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1`` with Triton installed); without either they are skipped. The end-to-end tests
+are ``gpu``: bf16 on random weights (where argmax flips are most likely), files compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmaccel import invariant
+
+
+def _kernel_device() -> str:
+    if invariant.triton is None:
+        pytest.skip("needs Triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1")
+    return "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_do_not_depend_on_the_other_rows(dtype):
+    dev = _kernel_device()
+    if dev == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter computes bf16 dots in fp32 anyway")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 192, generator=g).to(dev, dtype)
+    w = torch.randn(136, 192, generator=g).to(dev, dtype)
+    b = torch.randn(136, generator=g).to(dev, dtype)
+    full = invariant.linear(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
+    for rows in ([0], [5, 6, 7], list(range(100, 229)), [299]):
+        assert torch.equal(invariant.linear(x[rows], w, b), full[rows])  # bit for bit
+    assert torch.equal(invariant.linear(x[:7].reshape(1, 7, 192), w, None)[0], invariant.linear(x[:7], w))
+
+
+def test_row_mean_is_the_mean_and_per_row():
+    dev = _kernel_device()
+    x = torch.randn(9, 5000, generator=torch.Generator().manual_seed(1)).to(dev)
+    got = invariant.row_mean(x, keepdim=True)
+    assert got.shape == (9, 1) and torch.allclose(got, x.mean(-1, keepdim=True), atol=1e-6)
+    assert torch.equal(invariant.row_mean(x[3:4]), got[3:4, 0])
+
+
+def test_attention_depends_only_on_the_keys_a_query_sees():
+    """The same query over the same ordered keys: alone in a compact KV memory, or in a batch whose
+    memory has the keys at other slots, with gaps and more slots -> the same bits; close to sdpa."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(2)
+    H, H_kv, D, n = 6, 2, 32, 150
+    q = torch.randn(1, H, 1, D, generator=g).to(dev)
+    k = torch.randn(1, H_kv, n, D, generator=g).to(dev)
+    v = torch.randn(1, H_kv, n, D, generator=g).to(dev)
+    alone = invariant.attention(q, k, v, *invariant.key_lists(torch.ones(1, 1, n, dtype=torch.bool, device=dev)),
+                                D**-0.5)
+    S = 500
+    slots = torch.sort(torch.randperm(S, generator=g)[:n]).values.to(dev)  # the same keys, in order, with gaps
+    big_k = torch.randn(3, H_kv, S, D, generator=g).to(dev)
+    big_v = torch.randn(3, H_kv, S, D, generator=g).to(dev)
+    big_k[1][:, slots], big_v[1][:, slots] = k[0], v[0]
+    seen = torch.rand(3, 4, S, generator=g).to(dev) < 0.5
+    seen[1, 2] = False
+    seen[1, 2, slots] = True
+    big_q = torch.randn(3, H, 4, D, generator=g).to(dev)
+    big_q[1, :, 2] = q[0, :, 0]
+    got = invariant.attention(big_q, big_k, big_v, *invariant.key_lists(seen), D**-0.5)  # [3, 4, H, D]
+    assert torch.equal(got[1, 2], alone[0, 0])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // H_kv, 1), v.repeat_interleave(H // H_kv, 1))
+    assert torch.allclose(alone[0, 0], ref[0, :, 0], atol=1e-5)
+
+
+def test_key_lists_compact_the_mask_in_slot_order():
+    seen = torch.tensor([[[True, False, True, True], [False, False, False, True]]])
+    keys, count = invariant.key_lists(seen)
+    assert count.tolist() == [[3, 1]]
+    assert keys[0, 0, :3].tolist() == [0, 2, 3] and keys[0, 1, :1].tolist() == [3]
+
+
+def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
+    """The flag reaches the engine, and the summary says so (on the CPU the kernels are not needed)."""
+    from helpers_infer import save_tiny_model
+
+    import pmaccel
+    from pmaccel.decode import engine_config
+
+    assert engine_config(None, deterministic=True).deterministic
+    assert engine_config(4, False, True).max_lanes == 4 and engine_config(4, False, True).deterministic
+    model = save_tiny_model(tmp_path / "m")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"main": "once upon a time", "branches": ["a cat", "the dog"]}) + "\n")
+    plain = pmaccel.infer(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "a.jsonl"),
+                          max_new_tokens=4)
+    det = pmaccel.infer(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "b.jsonl"),
+                        max_new_tokens=4, deterministic=True)
+    assert det.summary.deterministic and not plain.summary.deterministic and "deterministic" in str(det.summary)
+    summary = json.loads((tmp_path / "b.jsonl.summary.json").read_text())
+    assert summary["deterministic"] is True
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()  # fp32 CPU: invariant already
+
+
+# ----------------------------------------------------------------------------- bf16 on the GPU
+
+VOCAB = 32000
+
+
+def _word_tokenizer():
+    """A word-level tokenizer whose words are the ids ("t17" is id 17): rows can carry ids or text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)} | {"<pad>": 0, "</s>": 1, "<unk>": 3}
+    del vocab["t0"], vocab["t1"], vocab["t3"]  # special tokens are matched inside words: not "t1" ("t17")
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _save_model(path: Path) -> Path:
+    """Random weights of Qwen2.5-0.5B's layer shape in Qwen3 (its q/k norms too), 4 layers, bf16; stops on
+    every id i % 97 == 5. (Not qwen2: transformers loads a qwen2 directory's tokenizer as Qwen2's BPE.)"""
+    import transformers
+
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
+                                   num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=None,
+                                   eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=[i for i in range(VOCAB) if i % 97 == 5], pad_token_id=0, bos_token_id=None)
+    model.save_pretrained(path)
+    _word_tokenizer().save_pretrained(path)
+    return path
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = lambda lo, hi: " ".join(f"t{rng.randrange(4, VOCAB)}" for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [{"id": i, "main": words(0, 60), "branches": [" " + words(2, 30) for _ in range(rng.randint(1, 6))]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("det")
+    model = _save_model(root / "model")
+    rows = _rows(48)
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shuffled = root / "shuffled.jsonl"
+    mixed = rows[:]
+    random.Random(1).shuffle(mixed)
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    return root, model, data, shuffled
+
+
+def _by_id(path: Path) -> list[str]:
+    return sorted(path.read_text().splitlines(), key=lambda line: json.loads(line)["id"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_bf16_outputs_do_not_depend_on_the_batch(bf16_run, sampled):
+    import pmaccel
+
+    root, model, data, shuffled = bf16_run
+    kw = dict(base_model=str(model), max_new_tokens=48, dtype="bf16", deterministic=True, patch_rope=True)
+    if sampled:
+        kw.update(temperature=0.8, top_p=0.9, seed=3)
+    files = {}
+    for batch in (1, 7, 64, 0):
+        out = root / f"{'s' if sampled else 'g'}-b{batch}.jsonl"
+        pmaccel.infer(data_path=str(data), out_path=str(out), batch_size=batch, **kw)
+        files[batch] = out.read_bytes()
+    assert files[1] == files[7] == files[64] == files[0]
+    if not sampled:  # a shuffled file: every sample at another index (which keys a sampled draw, SPEC §5)
+        out = root / "g-shuffled.jsonl"
+        pmaccel.infer(data_path=str(shuffled), out_path=str(out), **kw)
+        assert _by_id(out) == _by_id(root / "g-b0.jsonl")
+    # the same samples (same indices) admitted in another order, with other companions
+    loaded, tok = pmaccel.load_model(str(model), dtype="bf16", patch_rope=True)
+    samples = [json.loads(line) for line in data.read_text().splitlines()]
+    gen = dict(max_new_tokens=48, deterministic=True, temperature=0.8 if sampled else 0.0, top_p=0.9, seed=3)
+    ref = pmaccel.generate(loaded, tok, samples, batch_size=5, **gen)
+    order = list(range(len(samples)))
+    random.Random(2).shuffle(order)
+    got = pmaccel.generate(loaded, tok, [samples[i] for i in order], indices=order, batch_size=11, **gen)
+    assert [r["output_ids"] for r in got] == [ref[i]["output_ids"] for i in order]
+    # the same runs without --deterministic: how often the default kernels change a sample's tokens
+    plain = {}
+    for batch in (1, 64):
+        out = root / f"{'s' if sampled else 'g'}-plain-b{batch}.jsonl"
+        pmaccel.infer(data_path=str(data), out_path=str(out), batch_size=batch, **{**kw, "deterministic": False})
+        plain[batch] = out.read_text().splitlines()
+    same = sum(a == b for a, b in zip(plain[1], plain[64]))
+    print(f"default kernels, batch 1 vs 64: {same}/{len(plain[1])} rows identical")
+
+
+@pytest.mark.gpu
+def test_bf16_compare_agrees_fully(bf16_run):
+    """Isolated mask, 2D RoPE off: every branch decoded in its packed sample == decoded alone, in bf16."""
+    import pmaccel
+
+    root, model, data, _ = bf16_run
+    for batch in (3, 0):
+        records = pmaccel.infer(base_model=str(model), data_path=str(data), out_path=str(root / f"cmp{batch}.jsonl"),
+                                max_new_tokens=48, dtype="bf16", deterministic=True, compare=True, mask="isolated",
+                                batch_size=batch)
+        assert records.summary.totals["compare"]["agreement"] == 1.0, records.summary.notes
+
+
+@pytest.mark.gpu
+def test_bf16_files_identical_at_any_process_count(bf16_run):
+    root, model, data, _ = bf16_run
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip("needs 2 GPUs or more")
+    for sampled in (False, True):
+        files = []
+        for procs in [p for p in (1, 2, 4) if p <= gpus]:
+            out = root / f"procs{procs}-{sampled}.jsonl"
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            launch += ["--multi_gpu"] if procs > 1 else []
+            cmd = launch + ["-m", "pmaccel", "--base_model", str(model), "--data_path", str(data), "--out_path",
+                            str(out), "--max_new_tokens", "48", "--dtype", "bf16", "--deterministic", "--patch_rope"]
+            cmd += ["--temperature", "0.8", "--top_p", "0.9", "--seed", "3"] if sampled else []
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            files.append(out.read_bytes())
+        assert all(f == files[0] for f in files), "outputs differ between process counts"
+
+
+def test_row_cumsum_is_the_cumsum_and_per_row():
+    dev = _kernel_device()
+    x = torch.rand(5, 2500, generator=torch.Generator().manual_seed(3)).to(dev)
+    got = invariant.row_cumsum(x)
+    assert torch.allclose(got, x.cumsum(-1), rtol=1e-5)
+    assert torch.equal(invariant.row_cumsum(x[2:3]), got[2:3])
+    assert bool((got.diff(dim=-1) >= 0).all())  # a cdf stays a cdf across the chunk boundaries
