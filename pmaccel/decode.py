@@ -77,7 +77,8 @@ def check_call(model: Any, samples: Sequence, *, mask: str | None, batch_size: i
     return rope_2d, mask, indices
 
 
-def engine_config(batch_size: int | None, batch_by_samples: bool = True, deterministic: bool = False) -> EngineConfig:
+def engine_config(batch_size: int | None, batch_by_samples: bool = True,
+                  deterministic: bool | None = None) -> EngineConfig:
     """The engine configuration for a ``batch_size`` (an upper bound on the pool; ``None``: automatic)."""
     if batch_size is None:
         return EngineConfig(deterministic=deterministic)
@@ -110,7 +111,7 @@ def generate(
     indices: Sequence[int] | None = None,
     on_step: Callable[[int, list[dict]], None] | None = None,
     engine: Engine | None = None,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
 ) -> list[dict]:
     """Decode parallel samples: every branch of every sample continues in one packed sequence.
 
@@ -141,8 +142,8 @@ def generate(
             call; its own configuration sizes the pool, ``batch_size`` is not used); default: a new one,
             released before returning.
         deterministic: batch-invariant kernels on CUDA (``pmaccel.invariant``): each sample's tokens are
-            the same whatever its companions, the batch size or the process count (a given ``engine``
-            keeps its own setting).
+            the same whatever its companions, the batch size or the process count; ``None``: on where
+            Triton is available (a given ``engine`` keeps its own setting).
 
     Returns:
         One dict per sample, in input order: ``outputs`` (text per branch), ``output_ids``,
@@ -172,7 +173,7 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
                   branch_stride: int = 128, align: str = "left", interleave_branches: bool = True,
                   random_time_offset: bool = False, stop_token_ids: Sequence[int] | None = None,
                   indices: Sequence[int] | None = None, on_step: Callable[[int, list[dict]], None] | None = None,
-                  engine: Engine | None = None, deterministic: bool = False) -> Iterator[tuple[int, dict]]:
+                  engine: Engine | None = None, deterministic: bool | None = None) -> Iterator[tuple[int, dict]]:
     """``generate``, yielding ``(position in samples, result)`` as each sample finishes (arguments as there)."""
     rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
     if align not in ALIGNS:

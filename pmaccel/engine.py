@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pmaccel.forward import ModelCall
-from pmaccel.invariant import invariant_mode
+from pmaccel.invariant import invariant_mode, resolve
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
@@ -49,7 +49,8 @@ class EngineConfig:
         prefill_tokens: most padded prompt tokens in one prefill forward.
         memory_fraction: share of the free device memory the pool (KV slots and logits) may take.
         deterministic: run the batch-invariant kernels on CUDA (``pmaccel.invariant``): a sample's
-            tokens then do not depend on its companions, the pool size or the process count.
+            tokens then do not depend on its companions, the pool size or the process count (``None``:
+            where Triton is available; their cost is within a few per cent, docs/PERFORMANCE.md).
     """
 
     max_rows: int | None = None
@@ -58,7 +59,7 @@ class EngineConfig:
     sync_every: int = 8
     prefill_tokens: int = 8192
     memory_fraction: float = 0.6
-    deterministic: bool = False
+    deterministic: bool | None = None
 
 
 # ----------------------------------------------------------------------------- state on the device
@@ -385,7 +386,7 @@ class Engine:
 
     def attention(self) -> contextlib.AbstractContextManager:
         """The attention (and, when deterministic, GEMM and norm) kernels the engine runs the model with."""
-        if self.config.deterministic and self.device.type == "cuda":
+        if resolve(self.config.deterministic, self.device):
             return invariant_mode(self.model)
         return grouped_attention(self.model)
 

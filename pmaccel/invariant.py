@@ -49,6 +49,14 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+def resolve(requested: bool | None, device: torch.device | str) -> bool:
+    """Whether a model on ``device`` runs the invariant kernels: on CUDA when ``requested`` (``None``: where
+    Triton is available, the default); never elsewhere (the CPU path needs none)."""
+    if torch.device(device).type != "cuda" or requested is False:
+        return False
+    return requested is True or triton is not None
+
+
 if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
@@ -247,19 +255,19 @@ class _InvariantOps(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def invariant_mode(model: Any, enabled: bool = True) -> Iterator[None]:
+def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
     """Run ``model`` with the batch-invariant kernels (on CUDA; a no-op elsewhere or when not ``enabled``).
 
     Args:
         model: a transformers causal LM with sdpa or eager attention.
-        enabled: ``False`` makes this a no-op (callers pass their ``deterministic`` flag).
+        enabled: ``False`` makes this a no-op, ``None`` uses the kernels where Triton is available
+            (callers pass their ``deterministic`` setting).
 
     Example:
         >>> with invariant_mode(model):  # doctest: +SKIP
         ...     logits = model(input_ids=ids, attention_mask=mask4d).logits
     """
-    device = next(model.parameters()).device
-    if not enabled or device.type != "cuda":
+    if not resolve(enabled, next(model.parameters()).device):
         yield
         return
     if triton is None:

@@ -52,7 +52,7 @@ class Summary:
     notes: list[str] = dataclasses.field(default_factory=list)  # the totals, in words
     phases: list[dict[str, float]] = dataclasses.field(default_factory=list)  # per rank: seconds per phase
     tokens: int = 0  # tokens this run worked on: generated (pmaccel), or scored targets (pmaccel score)
-    deterministic: bool = False  # batch-invariant kernels (--deterministic): results independent of the batch
+    deterministic: bool = False  # results independent of the batch: invariant kernels on CUDA, or fp32 on the CPU
 
     @property
     def tokens_per_s(self) -> float:
@@ -553,5 +553,17 @@ def _summary(records: Records, table: Table, samples: list[Sample], skipped: lis
         skipped_rows=len(skipped), samples_computed=len(computed), samples_resumed=len(samples) - len(computed),
         generated_tokens=sum(c["generated"] for c in computed), tokens=sum(c["tokens"] for c in computed),
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
-        deterministic=settings.deterministic,
+        deterministic=_deterministic(settings),
     )
+
+
+def _deterministic(settings: Settings) -> bool:
+    """Whether the run's results do not depend on the batch: the invariant kernels ran (CUDA), or fp32 on the CPU."""
+    from accelerate import PartialState
+
+    from pmaccel import invariant
+
+    device = PartialState().device
+    if device.type == "cuda":
+        return invariant.resolve(settings.deterministic, device)
+    return settings.dtype in ("auto", "float32", "fp32")

@@ -200,7 +200,7 @@ def pack_for_scoring(st: ScoreTokens, *, branch_stride: int = 128, align: str = 
 
 
 def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: bool,
-                    pad_id: int = 0, deterministic: bool = False) -> list[list[list[float]]]:
+                    pad_id: int = 0, deterministic: bool | None = None) -> list[list[list[float]]]:
     """Log-probabilities of every target token of a few packed samples, from ONE forward (no cache);
     ``deterministic``: with the batch-invariant kernels on CUDA (``pmaccel.invariant``).
 
@@ -252,7 +252,7 @@ def score_samples(
     random_time_offset: bool = False,
     seed: int = 0,
     indices: Sequence[int] | None = None,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
 ) -> list[dict]:
     """Teacher-forced log-likelihood of each branch's target under the packed layout.
 
@@ -271,7 +271,7 @@ def score_samples(
         seed: seeds the time offsets, per sample index.
         indices: the global index of each sample; default ``range(len(samples))``.
         deterministic: batch-invariant kernels on CUDA: each sample's scores are the same whatever the
-            batch, its companions or the process count.
+            batch, its companions or the process count; ``None``: on where Triton is available.
 
     Returns:
         One dict per sample, in input order, per branch: ``logprobs`` (summed log-prob of the target),

@@ -91,9 +91,10 @@ class Settings:
     top_k: int = _opt(0, "keep the k most likely tokens when sampling (0 = off)")
     repetition_penalty: float = _opt(1.0, "repetition penalty (1 = off)")
     seed: int = _opt(0, "seed of the flat-row grouping and of every sample's sampling RNG")
-    deterministic: bool = _opt(
-        False, "batch-invariant kernels on CUDA: every sample's tokens and scores are the same at any batch size, "
-               "with any companions and at any process count (CPU runs are so already)")
+    deterministic: bool | None = _opt(
+        None, "batch-invariant kernels on CUDA: every sample's tokens and scores are the same at any batch size, "
+              "with any companions and at any process count; default: on where Triton is available (CUDA builds "
+              "of torch); CPU runs are batch-invariant in fp32 as they are")
     # evaluation
     compare: bool = _opt(
         False, "also decode every sample as independent branches (isolated mask, 2D RoPE off) and report per "

@@ -102,14 +102,14 @@ def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
     model = save_tiny_model(tmp_path / "m")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"main": "once upon a time", "branches": ["a cat", "the dog"]}) + "\n")
-    plain = pmaccel.infer(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "a.jsonl"),
-                          max_new_tokens=4)
-    det = pmaccel.infer(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "b.jsonl"),
-                        max_new_tokens=4, deterministic=True)
-    assert det.summary.deterministic and not plain.summary.deterministic and "deterministic" in str(det.summary)
-    summary = json.loads((tmp_path / "b.jsonl.summary.json").read_text())
-    assert summary["deterministic"] is True
-    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()  # fp32 CPU: invariant already
+    run = lambda out, **kw: pmaccel.infer(base_model=str(model), data_path=str(rows),  # noqa: E731
+                                          out_path=str(tmp_path / out), max_new_tokens=4, **kw)
+    plain, det, bf16 = run("a.jsonl"), run("b.jsonl", deterministic=True), run("c.jsonl", dtype="bf16")
+    # fp32 on the CPU is batch-invariant as it is (tests/test_engine.py); bf16 on the CPU is not claimed
+    assert plain.summary.deterministic and det.summary.deterministic and not bf16.summary.deterministic
+    assert "deterministic" in str(det.summary)
+    assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["deterministic"] is True
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
 # ----------------------------------------------------------------------------- bf16 on the GPU
@@ -186,7 +186,10 @@ def test_bf16_outputs_do_not_depend_on_the_batch(bf16_run, sampled):
     files = {}
     for batch in (1, 7, 64, 0):
         out = root / f"{'s' if sampled else 'g'}-b{batch}.jsonl"
-        pmaccel.infer(data_path=str(data), out_path=str(out), batch_size=batch, **kw)
+        flag = {} if batch == 0 else {"deterministic": True}  # the automatic size with the default setting
+        done = pmaccel.infer(data_path=str(data), out_path=str(out), batch_size=batch,
+                             **{k: v for k, v in kw.items() if k != "deterministic"}, **flag)
+        assert done.summary.deterministic
         files[batch] = out.read_bytes()
     assert files[1] == files[7] == files[64] == files[0]
     if not sampled:  # a shuffled file: every sample at another index (which keys a sampled draw, SPEC §5)
