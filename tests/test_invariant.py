@@ -257,3 +257,19 @@ def test_row_cumsum_is_the_cumsum_and_per_row():
     assert torch.allclose(got, x.cumsum(-1), rtol=1e-5)
     assert torch.equal(invariant.row_cumsum(x[2:3]), got[2:3])
     assert bool((got.diff(dim=-1) >= 0).all())  # a cdf stays a cdf across the chunk boundaries
+
+
+@pytest.mark.gpu
+def test_bf16_scores_do_not_depend_on_the_batch(bf16_run):
+    """``pmaccel score``: every branch's log-likelihood is the same bits at any batch size."""
+    import pmaccel
+
+    root, model, data, _ = bf16_run
+    files = []
+    for batch in (1, 7, 64):
+        out = root / f"score-b{batch}.jsonl"
+        done = pmaccel.score(base_model=str(model), data_path=str(data), out_path=str(out), dtype="bf16",
+                             patch_rope=True, batch_size=batch)
+        assert done.summary.deterministic
+        files.append(out.read_bytes())
+    assert files[0] == files[1] == files[2]
