@@ -1,10 +1,10 @@
 """Spreading samples over processes with Accelerate (SPEC §7), and the per-rank batch loop.
 
-    agree_on_done    one gather before the loop: which samples are finished, and which rank holds each
-    shard            ``split_between_processes`` (padding on) over the unfinished sample indices
+    agree_on_done    one gather before the loop: which samples are finished (a bit per sample)
+    shard            ``split_between_processes`` (padding on) over the unfinished sample indices (a tensor)
     run_batches      this rank's samples, batch by batch; an OOM halves the batch and retries it
-    broadcast_from_main / gather_to_main   the few results the main process cannot read from the part
-                     files itself (no shared filesystem) travel to it alone
+    broadcast_from_main / gather_to_main   the results the main process cannot read from the part files
+                     itself (no shared filesystem) travel to it alone, a chunk of samples at a time
 
 No collective runs inside the batch loop: a rank that finishes early simply waits at the end.
 Padding repeats the last index on the last ranks, so a sample may be computed twice; results are
@@ -15,7 +15,7 @@ index).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pmaccel.samples import batch_end
@@ -23,36 +23,52 @@ from pmaccel.samples import batch_end
 logger = logging.getLogger("pmaccel")
 
 
-def agree_on_done(accelerator: Any, done: Iterable[int]) -> dict[int, int]:
+def agree_on_done(accelerator: Any, done: Any) -> Any:
     """Combine what each rank found in the part files it can see.
 
     Args:
         accelerator: the run's ``Accelerator`` (every rank must call this).
-        done: indices of the finished samples this rank found.
+        done: ``[S]`` bool, the finished samples this rank found.
 
     Returns:
-        ``{sample index: the lowest rank that holds its result}`` for every finished sample, the
-        same on every rank (so the ranks agree on what is left even without a shared filesystem).
-    """
-    from accelerate.utils import gather_object
-
-    owners: dict[int, int] = {}
-    for rank, indices in sorted(gather_object([(accelerator.process_index, sorted(done))])):
-        for i in indices:
-            owners.setdefault(i, rank)
-    return owners
-
-
-def shard(accelerator: Any, indices: Sequence[int]) -> list[int]:
-    """This rank's share of ``indices``: ``split_between_processes`` with padding, repeats dropped.
+        ``[S]`` bool: finished on some rank, the same on every rank (so the ranks agree on what is left
+        even without a shared filesystem). Ranks exchange one bit per sample, not indices.
 
     Example:
-        >>> shard(accelerator, range(7))  # 3 processes: [0, 1, 2] / [3, 4] / [5, 6]  # doctest: +SKIP
+        >>> todo = np.flatnonzero(~agree_on_done(accelerator, done))  # doctest: +SKIP
     """
-    if not indices:
-        return []
-    with accelerator.split_between_processes(list(indices), apply_padding=True) as mine:
-        return list(dict.fromkeys(mine))
+    import numpy as np
+    from accelerate.utils import gather_object
+
+    done = np.asarray(done, dtype=bool)
+    if accelerator.num_processes == 1:
+        return done
+    agreed = np.zeros(len(done), dtype=bool)
+    for bits in gather_object([np.packbits(done)]):
+        agreed |= np.unpackbits(bits, count=len(done)).astype(bool)
+    return agreed
+
+
+def shard(accelerator: Any, indices: Any) -> Any:
+    """This rank's share of ``indices``: ``split_between_processes`` with padding (over a tensor, so a
+    million indices cost 8 MB), repeats dropped.
+
+    Returns:
+        A numpy array of sample indices, in the given order.
+
+    Example:
+        >>> shard(accelerator, np.arange(7))  # 3 processes: [0, 1, 2] / [3, 4] / [5, 6]  # doctest: +SKIP
+    """
+    import numpy as np
+    import torch
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if not len(indices):
+        return indices
+    with accelerator.split_between_processes(torch.from_numpy(indices), apply_padding=True) as mine:
+        mine = np.asarray(mine.cpu().numpy() if isinstance(mine, torch.Tensor) else mine, dtype=np.int64)
+    _, first = np.unique(mine, return_index=True)
+    return mine[np.sort(first)]
 
 
 def run_batches(

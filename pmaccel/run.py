@@ -3,8 +3,10 @@
 
 Importing this module is light (torch, transformers and accelerate load when ``infer`` runs).
 
-    settings -> check the output path -> read rows -> load model -> samples
-      -> part files (resume) -> this rank's share, batch by batch -> gather -> write, clean up
+    settings -> check the output path -> read rows (an Arrow table, built once) -> load model
+      -> tokenize (Dataset.map, cached) -> group into samples (numpy) -> part files (resume)
+      -> this rank's share, a chunk of samples at a time -> the main process merges the part files
+         in sample order into the output, line by line -> clean up
 
 What is computed per batch, and how results become records, is a ``Job``: this module's ``Job``
 decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.compare``);
@@ -15,23 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pmaccel import distribute, output
 from pmaccel.errors import PMAccelError
-from pmaccel.rows import Grouping, Row, Sample, Skipped, Table, make_samples, read_rows
+from pmaccel.rows import (
+    Grouping,
+    Row,
+    RowsView,
+    Sample,
+    SampleTable,
+    Skipped,
+    check_data_path,
+    group_samples,
+    load_rows,
+    tokenize_rows,
+)
 from pmaccel.settings import Settings, settings_from_kwargs
 
 logger = logging.getLogger("pmaccel")
 WRITE_EVERY_S = 1.0  # part files are appended and fsynced at most this often (and at the end)
 EXTRAS_CHUNK = 32  # --compare/--leakage run on this many finished samples at a time
 ENGINE_PHASES = ("capture_s", "prefill_s", "decode_s", "steps", "rows", "lanes")
+RUN_CHUNK = 8192  # samples of a rank's share materialised (and handed to the engine) at a time
+MERGE_CHUNK = 4096  # samples merged into the output at a time (and asked of other ranks without a shared disk)
 
 
 @dataclasses.dataclass
@@ -68,10 +85,54 @@ class Summary:
                 + "".join(f"\n  {note}" for note in self.notes))
 
 
-class Records(list):
-    """The output records (one per written row, in input order), with the run's ``summary``."""
+class Records(Sequence):
+    """The output records (one per written row, in input order), with the run's ``summary``.
+
+    Read from the output file on access (a run's records are never all held in memory): compare, index,
+    slice and iterate them like a list; they reflect the file as it is when read.
+    """
 
     summary: Summary
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._starts: array | None = None
+
+    def _lines(self) -> array:
+        if self._starts is None:
+            self._starts = array("q")
+            with open(self.path, "rb") as f:
+                at = 0
+                for line in f:
+                    self._starts.append(at)
+                    at += len(line)
+        return self._starts
+
+    def __len__(self) -> int:
+        return len(self._lines())
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        starts = self._lines()
+        with open(self.path, "rb") as f:
+            f.seek(starts[i])
+            return json.loads(f.readline())
+
+    def __iter__(self) -> Iterator[dict]:
+        with open(self.path, "rb") as f:
+            for line in f:
+                yield json.loads(line)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Records | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Records({len(self)} rows of {self.path})"
 
 
 def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
@@ -128,12 +189,13 @@ class Job:
         """``row -> tokens`` for ``make_samples`` (checks a row for this job); ``None``: prompt tokens."""
         return None
 
-    def run_samples(self, settings: Settings, model: Any, tokenizer: Any, samples: list[Sample],
+    def run_samples(self, settings: Settings, model: Any, tokenizer: Any, samples: Sequence[Sample],
                     on_results: Callable[[list[tuple[int, dict]]], None]) -> dict[str, float]:
         """Compute every sample's result; hand finished ones to ``on_results`` as ``(position, result)``
         pairs as they come (the caller writes them out). Returns the engine's timings.
 
-        Decoding runs on one engine for the whole share (continuous batching); an out-of-memory error
+        Decoding runs on one engine for the whole share (continuous batching), RUN_CHUNK samples per call
+        (``samples`` materialises them on access; their ids were tokenized once); an out-of-memory error
         releases it and goes on with half the rows, keeping what had finished.
         """
         from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
@@ -153,28 +215,31 @@ class Job:
                 on_results(extras([(j, samples[j], r) for j, r in held]))
                 held.clear()
 
-        todo = list(range(len(samples)))
         try:
-            while todo:
-                done: set[int] = set()
-                try:
-                    for pos, result in decode.decode_stream(
-                            model, tokenizer, [samples[i].as_input() for i in todo],
-                            indices=[samples[i].index for i in todo], engine=engine, **_generate_kwargs(settings)):
-                        done.add(todo[pos])
-                        finished(todo[pos], result)
-                    todo = []
-                except RuntimeError as e:
-                    rows = int(engine.stats["rows"])
-                    if not should_reduce_batch_size(e) or rows <= 1:
-                        raise
-                    engine.release()
-                    clear_device_cache(garbage_collection=True)
-                    engine.config.max_rows = max(1, rows // 2)
-                    logger.warning("out of memory; going on with %d rows", engine.config.max_rows)
-                    todo = [i for i in todo if i not in done]
-            if held:
-                on_results(extras([(j, samples[j], r) for j, r in held]))
+            for start in range(0, len(samples), RUN_CHUNK):
+                todo = list(range(start, min(start + RUN_CHUNK, len(samples))))
+                while todo:
+                    done: set[int] = set()
+                    try:
+                        for pos, result in decode.decode_stream(
+                                model, tokenizer, [samples[i].decode_input() for i in todo],
+                                indices=[samples[i].index for i in todo], engine=engine,
+                                **_generate_kwargs(settings)):
+                            done.add(todo[pos])
+                            finished(todo[pos], result)
+                        todo = []
+                    except RuntimeError as e:
+                        rows = int(engine.stats["rows"])
+                        if not should_reduce_batch_size(e) or rows <= 1:
+                            raise
+                        engine.release()
+                        clear_device_cache(garbage_collection=True)
+                        engine.config.max_rows = max(1, rows // 2)
+                        logger.warning("out of memory; going on with %d rows", engine.config.max_rows)
+                        todo = [i for i in todo if i not in done]
+                if held:
+                    on_results(extras([(j, samples[j], r) for j, r in held]))
+                    held.clear()
             return {k: float(engine.stats[k]) for k in ENGINE_PHASES}
         finally:
             engine.release()
@@ -290,47 +355,43 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
 
 def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, started: float,
                 clock: _Phases) -> Records | None:
-    data_path = job.data_path(settings)
-    # formats read through datasets build a cache: once, by the main process; JSONL is read by every rank at once
-    first = accelerator.main_process_first() if _uses_datasets_cache(data_path) else contextlib.nullcontext()
-    with first:
-        table = read_rows(data_path, on_error=settings.on_error, num_workers=settings.num_workers)
-    if not table.rows and not table.skipped:
-        raise PMAccelError("the file has no rows", file=table.path)
+    import numpy as np
+
+    data_path = check_data_path(job.data_path(settings))  # every rank: a missing file is everyone's error
+    with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
+        rows = load_rows(data_path, num_workers=settings.num_workers)
+    if not len(rows):
+        raise PMAccelError("the file has no rows", file=rows.path)
+    valid, read_skipped = rows.check(settings.on_error)  # every rank meets the same first bad row
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
     clock.mark("load_s")
-    vocab = model.get_input_embeddings().num_embeddings
-    samples, skipped = make_samples(table, tokenizer, Grouping.from_settings(settings, vocab_size=vocab),
-                                    job.counter(tokenizer, settings))
+    grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
+    with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
+        tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings),
+                               count_name=job.kind, lists_as_json=rows.lists_as_json,
+                               num_workers=settings.num_workers)
+    table, skipped = group_samples(RowsView(valid, rows.lists_as_json), tokens, rows.path, grouping, read_skipped)
     param = next(model.parameters())
-    keys = output.sample_keys(samples, settings, kind=job.kind, ignore=job.ignore,
-                              runtime=f"{param.dtype}@{param.device.type}")
+    keys = _Keys(settings, job, runtime=f"{param.dtype}@{param.device.type}")
     clock.mark("tokenize_s")
 
-    done = _resume_state(settings, accelerator, out_path, keys)
-    owners = distribute.agree_on_done(accelerator, done)
-    todo = [s.index for s in samples if s.index not in owners]
-    mine = distribute.shard(accelerator, todo)
-    mine.sort(key=lambda i: -samples[i].num_tokens)  # similar lengths batch together; an OOM shows early
+    done = distribute.agree_on_done(accelerator, _resume_state(settings, accelerator, out_path, table, keys))
+    mine = distribute.shard(accelerator, np.flatnonzero(~done))
+    mine = mine[np.argsort(-table.num_tokens[mine], kind="stable")]  # similar lengths together; an OOM shows early
     clock.mark("shard_s")
-    timings = _run_rank(settings, job, accelerator, model, tokenizer, [samples[i] for i in mine], keys, out_path)
+    timings = _run_rank(settings, job, accelerator, model, tokenizer, _Share(table, mine, keys), out_path)
     clock.mark("run_s")
     clock.phases.update(timings, samples=len(mine))
 
     accelerator.wait_for_everyone()  # every part file is complete
-    results = _results_on_main(accelerator, out_path, samples, keys)
     clock.mark("gather_s")
+    records = _merge(accelerator, out_path, table, keys, skipped, job, settings, fresh=~done,
+                     started=started)
+    clock.mark("write_s")
     clock.phases["peak_rss_gb"] = _peak_rss_gb()
     phases = distribute.gather_phases(accelerator, clock.phases)
-    records = None
     if accelerator.is_main_process:
-        with results:
-            records, computed, kept = _write_outputs(out_path, table, samples, results, skipped, job, settings,
-                                                     set(todo))
-        phases[0]["write_s"] = clock.mark("write_s")
-        records.summary = _summary(records, table, samples, skipped, computed, kept, started, out_path, job,
-                                   settings)
         records.summary.phases = phases
         output.write_json(output.summary_path(out_path), {**dataclasses.asdict(records.summary),
                                                           "tokens_per_s": records.summary.tokens_per_s})
@@ -397,12 +458,6 @@ def _check_model_paths(settings: Settings) -> None:
         check_lora_path(settings.lora_path)
 
 
-def _uses_datasets_cache(data_path: str | None) -> bool:
-    from pmaccel.rows import JSON_SUFFIXES
-
-    return data_path is not None and Path(data_path).suffix.lower() not in JSON_SUFFIXES
-
-
 def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
     from pmaccel.model import load_model
 
@@ -418,61 +473,69 @@ def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
                       device=device)
 
 
-def _resume_state(settings: Settings, accelerator: Any, out_path: Path, keys: Sequence[str]) -> set[int]:
-    """Indices of the finished samples this rank can see in part files (none with ``resume=False``)."""
+class _Keys:
+    """Resume keys (``output.sample_keys``) of the samples asked for: computed where needed, never for all."""
+
+    def __init__(self, settings: Settings, job: Job, runtime: str):
+        self.settings, self.kind, self.ignore, self.runtime = settings, job.kind, job.ignore, runtime
+
+    def of(self, samples: Sequence[Sample]) -> list[str]:
+        return output.sample_keys(samples, self.settings, kind=self.kind, ignore=self.ignore, runtime=self.runtime)
+
+
+class _Share(Sequence):
+    """This rank's samples in the order they run, materialised RUN_CHUNK at a time (the last two chunks are
+    held), with their resume keys: a rank never holds the rows of the samples it does not run."""
+
+    def __init__(self, table: SampleTable, indices: Any, keys: _Keys):
+        self.table, self.indices, self.keys = table, indices, keys
+        self._chunks: dict[int, tuple[list[Sample], list[str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _chunk(self, c: int) -> tuple[list[Sample], list[str]]:
+        if c not in self._chunks:
+            samples = self.table.take(self.indices[c * RUN_CHUNK:(c + 1) * RUN_CHUNK])
+            self._chunks = {k: v for k, v in self._chunks.items() if k == c - 1}
+            self._chunks[c] = samples, self.keys.of(samples)
+        return self._chunks[c]
+
+    def __getitem__(self, pos: Any) -> Any:
+        if isinstance(pos, slice):
+            return [self[p] for p in range(*pos.indices(len(self)))]
+        if not 0 <= pos < len(self):
+            raise IndexError(pos)
+        return self._chunk(pos // RUN_CHUNK)[0][pos % RUN_CHUNK]
+
+    def key(self, pos: int) -> str:
+        return self._chunk(pos // RUN_CHUNK)[1][pos % RUN_CHUNK]
+
+
+def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys) -> Any:
+    """``[S]`` bool: the finished samples this rank can see in part files (none with ``resume=False``); keys are
+    computed only for the samples found there."""
+    import numpy as np
+
     parts = output.find_part_files(out_path)
     resume = settings.resume if settings.resume is not None else bool(parts)
-    done: set[int] = set()
+    done = np.zeros(len(table), dtype=bool)
     if resume:
         with output.PartResults(out_path) as found:
-            done = {i for i, k in enumerate(keys) if (i, k) in found}
+            present = found.indices()
+            present = present[(present >= 0) & (present < len(table))]
+            for start in range(0, len(present), MERGE_CHUNK):
+                samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
+                for s, k in zip(samples, keys.of(samples)):
+                    done[s.index] = (s.index, k) in found
     else:
         output.remove_part_files(parts)
     accelerator.wait_for_everyone()  # no rank deletes a part file another has opened
     return done
 
 
-class _Results:
-    """Every sample's result on the main process: read from the part files (this run's and resumed ones),
-    or, for what it cannot see there (no shared filesystem), sent to it by the rank that has it."""
-
-    def __init__(self, found: output.PartResults, sent: dict[int, dict], keys: Sequence[str]):
-        self.found, self.sent, self.keys = found, sent, keys
-
-    def get(self, index: int) -> dict:
-        if index in self.sent:
-            return self.sent[index]
-        assert (index, self.keys[index]) in self.found, f"sample {index} has no result"
-        return self.found.get(index, self.keys[index])
-
-    def __enter__(self) -> _Results:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.found.close()
-
-
-def _results_on_main(accelerator: Any, out_path: Path, samples: list[Sample], keys: Sequence[str]) -> _Results | None:
-    """The main process reads results from the part files it sees; results only other ranks can see travel
-    to it alone. Never every result on every rank."""
-    main = accelerator.is_main_process
-    found = output.PartResults(out_path) if main else None
-    missing = [s.index for s in samples if (s.index, keys[s.index]) not in found] if main else None
-    sent: dict[int, dict] = {}
-    if accelerator.num_processes > 1:
-        missing = distribute.broadcast_from_main(accelerator, missing)
-        mine: dict[int, dict] = {}
-        if missing and not main:
-            with output.PartResults(out_path) as own:
-                mine = {i: own.get(i, keys[i]) for i in missing if (i, keys[i]) in own}
-        gathered = distribute.gather_to_main(accelerator, mine) if missing else None
-        for part in gathered or []:
-            sent.update(part)
-    return _Results(found, sent, keys) if main else None
-
-
-def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokenizer: Any, samples: list[Sample],
-              keys: Sequence[str], out_path: Path) -> dict[str, float]:
+def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokenizer: Any, samples: _Share,
+              out_path: Path) -> dict[str, float]:
     """Run this rank's samples, appending results to the rank's part file as they finish (fsynced at
     most every WRITE_EVERY_S seconds, and always before an error propagates); results are not kept in
     memory. Returns the job's timings."""
@@ -482,20 +545,20 @@ def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokeni
     bar = tqdm(total=len(samples), unit="sample", disable=not accelerator.is_main_process,
                desc=job.name if world == 1 else f"{job.name} (rank 0 of {world})")
     tokens, started, last_write = 0, time.perf_counter(), time.perf_counter()
-    unwritten: list[tuple[int, dict]] = []
+    unwritten: list[tuple[int, str, dict]] = []
 
     def write() -> None:
         nonlocal last_write
         if unwritten:
-            writer.append((i, keys[i], r) for i, r in unwritten)
+            writer.append(unwritten)
             unwritten.clear()
         last_write = time.perf_counter()
 
     def on_results(results: list[tuple[int, dict]]) -> None:
         nonlocal tokens
-        batch = [(samples[pos].index, r) for pos, r in results]
+        batch = [(samples[pos].index, samples.key(pos), r) for pos, r in results]
         unwritten.extend(batch)
-        tokens += sum(job.tokens(r) for _, r in batch)
+        tokens += sum(job.tokens(r) for _, _, r in batch)
         bar.update(len(batch))
         bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.1f}", refresh=False)
         if time.perf_counter() - last_write >= WRITE_EVERY_S:
@@ -504,54 +567,92 @@ def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokeni
     part = output.part_path(out_path, accelerator.process_index, world)
     with output.PartWriter(part) as writer, bar:
         try:
-            timings = job.run_samples(settings, model, tokenizer, samples, on_results) if samples else {}
+            timings = job.run_samples(settings, model, tokenizer, samples, on_results) if len(samples) else {}
         finally:
             write()  # what finished is kept, also when the run stops on an error
     return timings
 
 
-def _write_outputs(out_path: Path, table: Table, samples: list[Sample], results: _Results, skipped: list[Skipped],
-                   job: Job, settings: Settings, fresh: set[int]) -> tuple[Records, list[dict], list[dict]]:
-    """Expand sample results to row records in row order, streamed into the output file (samples are in row
-    order); write the skipped rows. Returns the records, the counts of the samples this run computed, and
-    every result when the job has dataset totals (else none)."""
-    records = Records()
-    computed: list[dict] = []
+def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, skipped: list[Skipped], job: Job,
+           settings: Settings, fresh: Any, started: float) -> Records | None:
+    """The main process writes the output: samples in order, MERGE_CHUNK at a time, each result read from the part
+    files it sees (by offset) or, where it sees none (no shared filesystem), sent to it alone by the rank that
+    has it, a chunk at a time; records go to the file line by line. The other ranks answer those requests.
+    Returns the records (read back from the file) on the main process, ``None`` elsewhere."""
+    if not accelerator.is_main_process:
+        _serve_results(accelerator, out_path, table, keys)
+        return None
+    world = accelerator.num_processes
+    count = {"rows": 0, "computed": 0, "generated": 0, "tokens": 0}
+    kept: list[dict] = []  # every result, only when the job has dataset totals
     keep_all = job.wants_totals(settings)
-    kept: list[dict] = []
 
-    def lines() -> Iterator[dict]:
+    def results(found: output.PartResults) -> Iterator[tuple[Sample, dict[int, Row], dict]]:
+        try:
+            for start in range(0, len(table), MERGE_CHUNK):
+                rows: dict[int, Row] = {}
+                samples = table.take(range(start, min(start + MERGE_CHUNK, len(table))), rows, with_ids=False)
+                chunk_keys = keys.of(samples)
+                missing = [s.index for s, k in zip(samples, chunk_keys) if (s.index, k) not in found]
+                sent: dict[int, dict] = {}
+                if world > 1:
+                    distribute.broadcast_from_main(accelerator, missing)
+                    for part in (distribute.gather_to_main(accelerator, {}) if missing else None) or []:
+                        sent.update(part)
+                for s, k in zip(samples, chunk_keys):
+                    assert s.index in sent or (s.index, k) in found, f"sample {s.index} has no result"
+                    yield s, rows, sent[s.index] if s.index in sent else found.get(s.index, k)
+        finally:
+            if world > 1:
+                distribute.broadcast_from_main(accelerator, None)  # the other ranks stop answering
+
+    def lines(found: output.PartResults) -> Iterator[dict]:
         last = -1
-        for sample in samples:
-            result = results.get(sample.index)
-            if sample.index in fresh:
-                computed.append({"tokens": job.tokens(result),
-                                 "generated": sum(result.get("num_generated_tokens", []))})
+        for sample, rows, result in results(found):
+            if fresh[sample.index]:
+                count["computed"] += 1
+                count["tokens"] += job.tokens(result)
+                count["generated"] += sum(result.get("num_generated_tokens", []))
             if keep_all:
                 kept.append(result)
-            for pos, record in job.records(sample, table.rows, result, settings):
+            for pos, record in job.records(sample, rows, result, settings):
                 assert pos > last, "samples come in row order"
                 last = pos
-                records.append(record)
+                count["rows"] += 1
                 yield record
 
-    output.write_jsonl(out_path, lines())
+    with output.PartResults(out_path) as found:
+        output.write_jsonl(out_path, lines(found))
     errors = output.errors_path(out_path)
     if skipped:
         output.write_jsonl(errors, (
             {"file": table.path, "row": s.number, "error": s.error, "input": s.content} for s in skipped))
     else:
         errors.unlink(missing_ok=True)  # from an earlier run
-    return records, computed, kept
+    records = Records(out_path)
+    records.summary = _summary(table, skipped, count, kept, started, out_path, job, settings)
+    return records
 
 
-def _summary(records: Records, table: Table, samples: list[Sample], skipped: list[Skipped], computed: list[dict],
-             kept: list[dict], started: float, out_path: Path, job: Job, settings: Settings) -> Summary:
-    totals, notes = job.totals(samples, kept, table.rows, settings) if kept else ({}, [])
+def _serve_results(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys) -> None:
+    """A rank other than the main one: until the main process is done, send it the results it asks for that
+    this rank's part files hold (only those, only to it)."""
+    with output.PartResults(out_path) as own:
+        while (asked := distribute.broadcast_from_main(accelerator, None)) is not None:
+            if not asked:
+                continue
+            samples = table.take(asked, with_ids=False)
+            mine = {s.index: own.get(s.index, k) for s, k in zip(samples, keys.of(samples)) if (s.index, k) in own}
+            distribute.gather_to_main(accelerator, mine)
+
+
+def _summary(table: SampleTable, skipped: list[Skipped], count: dict[str, int], kept: list[dict], started: float,
+             out_path: Path, job: Job, settings: Settings) -> Summary:
+    totals, notes = job.totals(table, kept, table.rows, settings) if kept else ({}, [])
     return Summary(
-        rows=len(records), samples=len(samples), branches=sum(len(s.branches) for s in samples),
-        skipped_rows=len(skipped), samples_computed=len(computed), samples_resumed=len(samples) - len(computed),
-        generated_tokens=sum(c["generated"] for c in computed), tokens=sum(c["tokens"] for c in computed),
+        rows=count["rows"], samples=len(table), branches=int(table.num_branches.sum()),
+        skipped_rows=len(skipped), samples_computed=count["computed"], samples_resumed=len(table) - count["computed"],
+        generated_tokens=count["generated"], tokens=count["tokens"],
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
         deterministic=_deterministic(settings),
     )

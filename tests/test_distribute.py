@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import helpers_infer
+import numpy as np
 import pytest
 import torch
 from helpers_infer import MIXED_ROWS, write_jsonl
@@ -69,8 +70,10 @@ def test_collectives_in_one_process():
 
     acc = Accelerator(cpu=True)
     assert distribute.gather_to_main(acc, {3: "c"}) == [{3: "c"}]
-    assert distribute.shard(acc, [4, 5, 6]) == [4, 5, 6] and distribute.shard(acc, []) == []
-    assert distribute.agree_on_done(acc, {5, 2}) == {2: 0, 5: 0}
+    assert distribute.shard(acc, [4, 5, 6]).tolist() == [4, 5, 6] and distribute.shard(acc, []).tolist() == []
+    done = np.zeros(7, dtype=bool)
+    done[[2, 5]] = True
+    assert distribute.agree_on_done(acc, done).tolist() == done.tolist()
 
 
 # ----------------------------------------------------------------------------- whole runs, several processes

@@ -251,7 +251,7 @@ def test_batched_token_counts_equal_one_sample_at_a_time(tmp_path, monkeypatch):
     import pmaccel.rows
     from pmaccel.samples import tokenize_sample
 
-    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_CHUNK", 3)  # several chunks, a row split from its group
+    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_BATCH", 3)  # several chunks, a row split from its group
     tok = make_tokenizer()
     rows = MIXED_ROWS + [{"main": "", "branches": [{"input_ids": [5, 6]}, "the cat", {"text": "a red sun"}]},
                          {"text": "one two three"}, {"input_ids": [7, 8, 9]}]
