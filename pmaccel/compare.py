@@ -21,7 +21,6 @@ de-duplicated results, so they do not depend on the number of processes::
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -143,15 +142,12 @@ def add_leakage(compact: list[dict], results: list[dict], model: Any, tokenizer:
                 inputs: list[Mapping[str, Any]], indices: Sequence[int], settings: Any) -> None:
     """Add ``leakage`` and ``leakage_tokens`` (per branch) to each compact result, in place: one forward
     per sample over its final packed sequence, laid out as ``generate`` laid it out."""
-    from pmaccel.decode import sample_seed
-    from pmaccel.layout import append_outputs, pack_sample
-    from pmaccel.samples import tokenize_sample
+    from pmaccel.layout import append_outputs
+    from pmaccel.request import Layout, pack_request
 
+    layout = Layout.of(settings)
     for out, result, sample, index in zip(compact, results, inputs, indices):
-        ts = tokenize_sample(sample, tokenizer, chat_template=settings.chat_template)
-        rng = random.Random(sample_seed(settings.seed, index)) if settings.random_time_offset else None
-        packed = pack_sample(ts, branch_stride=settings.branch_stride, align=settings.align,
-                             interleave_branches=settings.interleave_branches, time_offset_rng=rng)
+        _, packed = pack_request(sample, tokenizer, layout, index)
         leakage, tokens = branch_leakage(model, append_outputs(packed, result["output_ids"]), mask=settings.mask)
         out.update(leakage=leakage, leakage_tokens=tokens)
 

@@ -9,7 +9,6 @@ Every forward gets its positions and a custom 4D mask; nothing is left in the mo
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +17,10 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from pmaccel.engine import Engine, EngineConfig
 from pmaccel.errors import PMAccelError
-from pmaccel.layout import ALIGNS, MASKS, PackedSample, pack_sample
-from pmaccel.rope import is_rope_2d
-from pmaccel.samples import tokenize_sample
+from pmaccel.layout import PackedSample
+from pmaccel.request import LAYOUT_SETTINGS, Layout, check_call, pack_request, stop_ids
 from pmaccel.sampling import make_processors
+from pmaccel.settings import default
 
 
 @dataclass(frozen=True)
@@ -36,45 +35,6 @@ class DecodeOptions:
     sampling: tuple[float, float, int, float]  # temperature, top_p, top_k, repetition_penalty
     processors: LogitsProcessorList = field(hash=False, compare=False)  # built from `sampling`
     seed: int = 0
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The RNG seed of sample ``index``: a fixed mix of (seed, index), whatever the batch or process."""
-    return (seed * 0x9E3779B1 + index * 0x85EBCA77 + 0x165667B1) % (2**63 - 1)
-
-
-def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None = None) -> frozenset[int]:
-    """EOS ids from the model's generation config (else the tokenizer's), plus ``extra`` stop ids."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return frozenset(int(i) for i in [*ids, *(extra or [])])
-
-
-# ----------------------------------------------------------------------------- the public entry point
-
-
-def check_call(model: Any, samples: Sequence, *, mask: str | None, batch_size: int | None,
-               indices: Sequence[int] | None) -> tuple[bool, str, list[int]]:
-    """Checks shared by ``generate`` and ``score_samples``. Returns (2D RoPE on, mask, indices)."""
-    rope_2d = is_rope_2d(model)
-    mask = mask or ("columnar" if rope_2d else "isolated")
-    if mask not in MASKS:
-        raise PMAccelError(f"unknown mask {mask!r}; use one of {', '.join(MASKS)}", field="mask")
-    if batch_size is not None and batch_size < 1:
-        raise PMAccelError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
-    if attn not in (None, "eager", "sdpa"):
-        raise PMAccelError(
-            f"attention implementation {attn!r} cannot take the packed 4D mask; load the model with "
-            "attn_implementation='sdpa' or 'eager'",
-            field="attn_implementation",
-        )
-    indices = list(range(len(samples))) if indices is None else list(indices)
-    if len(indices) != len(samples):
-        raise PMAccelError(f"got {len(indices)} indices for {len(samples)} samples", field="indices")
-    return rope_2d, mask, indices
 
 
 def engine_config(batch_size: int | None, batch_by_samples: bool = True,
@@ -92,26 +52,26 @@ def generate(
     tokenizer: Any,
     samples: Sequence[Mapping[str, Any]],
     *,
-    max_new_tokens: int = 128,
-    mask: str | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int = default("max_new_tokens"),
+    mask: str | None = default("mask"),
+    temperature: float = default("temperature"),
+    top_p: float = default("top_p"),
+    top_k: int = default("top_k"),
+    repetition_penalty: float = default("repetition_penalty"),
     do_sample: bool | None = None,
-    seed: int = 0,
+    seed: int = default("seed"),
     batch_size: int | None = None,
-    batch_by_samples: bool = True,
-    chat_template: bool = False,
-    branch_stride: int = 128,
-    align: str = "left",
-    interleave_branches: bool = True,
-    random_time_offset: bool = False,
+    batch_by_samples: bool = default("batch_by_samples"),
+    chat_template: bool = default("chat_template"),
+    branch_stride: int = default("branch_stride"),
+    align: str = default("align"),
+    interleave_branches: bool = default("interleave_branches"),
+    random_time_offset: bool = default("random_time_offset"),
     stop_token_ids: Sequence[int] | None = None,
     indices: Sequence[int] | None = None,
     on_step: Callable[[int, list[dict]], None] | None = None,
     engine: Engine | None = None,
-    deterministic: bool | None = None,
+    deterministic: bool | None = default("deterministic"),
 ) -> list[dict]:
     """Decode parallel samples: every branch of every sample continues in one packed sequence.
 
@@ -166,18 +126,22 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 128,
-                  mask: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                  repetition_penalty: float = 1.0, do_sample: bool | None = None, seed: int = 0,
-                  batch_size: int | None = None, batch_by_samples: bool = True, chat_template: bool = False,
-                  branch_stride: int = 128, align: str = "left", interleave_branches: bool = True,
-                  random_time_offset: bool = False, stop_token_ids: Sequence[int] | None = None,
+def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any]], *,
+                  max_new_tokens: int = default("max_new_tokens"), mask: str | None = default("mask"),
+                  temperature: float = default("temperature"), top_p: float = default("top_p"),
+                  top_k: int = default("top_k"), repetition_penalty: float = default("repetition_penalty"),
+                  do_sample: bool | None = None, batch_size: int | None = None,
+                  batch_by_samples: bool = default("batch_by_samples"), stop_token_ids: Sequence[int] | None = None,
                   indices: Sequence[int] | None = None, on_step: Callable[[int, list[dict]], None] | None = None,
-                  engine: Engine | None = None, deterministic: bool | None = None) -> Iterator[tuple[int, dict]]:
-    """``generate``, yielding ``(position in samples, result)`` as each sample finishes (arguments as there)."""
+                  engine: Engine | None = None, deterministic: bool | None = default("deterministic"),
+                  **layout: Any) -> Iterator[tuple[int, dict]]:
+    """``generate``, yielding ``(position in samples, result)`` as each sample finishes (arguments as there;
+    ``layout``: the ``pmaccel.request.Layout`` fields, ``seed`` among them)."""
     rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
-    if align not in ALIGNS:
-        raise PMAccelError(f"align must be one of {', '.join(ALIGNS)}, got {align!r}", field="align")
+    unknown = sorted(set(layout) - set(LAYOUT_SETTINGS))
+    if unknown:
+        raise TypeError(f"decode_stream() got unexpected keyword arguments: {', '.join(unknown)}")
+    lay = Layout.of(layout)
     if max_new_tokens < 1:
         raise PMAccelError(f"max_new_tokens must be at least 1, got {max_new_tokens}", field="max_new_tokens")
     greedy = do_sample is False or temperature == 0.0
@@ -188,21 +152,13 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
         max_new_tokens=max_new_tokens,
         mask=mask,
         rope_2d=rope_2d,
-        stop_ids=_stop_ids(model, tokenizer, stop_token_ids),
+        stop_ids=stop_ids(model, tokenizer, stop_token_ids),
         greedy=greedy,
         sampling=(temperature, top_p, top_k, repetition_penalty),
         processors=make_processors(temperature, top_p, top_k, repetition_penalty, greedy),
-        seed=seed,
+        seed=lay.seed,
     )
-    packs: list[PackedSample] = []
-    for i, s in zip(indices, samples):
-        try:
-            ts = tokenize_sample(s, tokenizer, chat_template=chat_template)
-        except PMAccelError as e:
-            raise PMAccelError(f"sample {i}: {e}") from None
-        rng = random.Random(sample_seed(seed, i)) if random_time_offset else None
-        packs.append(pack_sample(ts, branch_stride=branch_stride, align=align,
-                                 interleave_branches=interleave_branches, time_offset_rng=rng))
+    packs: list[PackedSample] = [pack_request(s, tokenizer, lay, i)[1] for i, s in zip(indices, samples)]
     vocab = model.get_input_embeddings().num_embeddings
     for i, p in zip(indices, packs):
         if p.num_tokens and not 0 <= int(p.input_ids.min()) <= int(p.input_ids.max()) < vocab:

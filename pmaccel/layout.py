@@ -27,6 +27,7 @@ import torch
 
 from pmaccel.errors import PMAccelError
 from pmaccel.samples import TokenizedSample
+from pmaccel.settings import default
 
 MASKS = ("columnar", "isolated")
 ALIGNS = ("left", "right")
@@ -54,9 +55,9 @@ class PackedSample:
 def pack_sample(
     ts: TokenizedSample,
     *,
-    branch_stride: int = 128,
-    align: str = "left",
-    interleave_branches: bool = True,
+    branch_stride: int = default("branch_stride"),
+    align: str = default("align"),
+    interleave_branches: bool = default("interleave_branches"),
     time_offset_rng: random.Random | None = None,
 ) -> PackedSample:
     """Lay one tokenized sample out as a packed sequence (SPEC §2).

@@ -200,7 +200,7 @@ class Job:
         """
         from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-        from pmaccel import decode
+        from pmaccel import decode, request
 
         engine = _engine(settings, model)
         extras = _Extras(settings, model, tokenizer) if settings.compare or settings.leakage else None
@@ -224,7 +224,7 @@ class Job:
                         for pos, result in decode.decode_stream(
                                 model, tokenizer, [samples[i].decode_input() for i in todo],
                                 indices=[samples[i].index for i in todo], engine=engine,
-                                **_generate_kwargs(settings)):
+                                **request.generate_kwargs(settings)):
                             done.add(todo[pos])
                             finished(todo[pos], result)
                         todo = []
@@ -282,17 +282,6 @@ def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
     return settings_from_kwargs(kwargs, base=settings)
 
 
-def _generate_kwargs(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments of ``pmaccel.generate`` that come from the settings (all but the batch)."""
-    return dict(
-        batch_by_samples=settings.batch_by_samples, max_new_tokens=settings.max_new_tokens, mask=settings.mask,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        repetition_penalty=settings.repetition_penalty, seed=settings.seed, chat_template=settings.chat_template,
-        branch_stride=settings.branch_stride, align=settings.align, interleave_branches=settings.interleave_branches,
-        random_time_offset=settings.random_time_offset,
-    )
-
-
 def _engine(settings: Settings, model: Any) -> Any:
     """A decode engine whose pool ``--batch_size`` caps (0: sized from the device memory)."""
     from pmaccel import decode
@@ -311,14 +300,14 @@ class _Extras:
 
     def __call__(self, items: list[tuple[int, Sample, dict]]) -> list[tuple[int, dict]]:
         """``(position, sample, full result)`` -> ``(position, compact result with the extras)``."""
-        from pmaccel import compare
+        from pmaccel import compare, request
 
         positions, samples, results = zip(*items)
         compact = [output.compact_result(r) for r in results]
         inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
         if self.settings.compare:
             compare.add_reference(compact, results, self.model, self.tokenizer, inputs, indices=indices,
-                                  engine=self.engine, **_generate_kwargs(self.settings))
+                                  engine=self.engine, **request.generate_kwargs(self.settings))
         if self.settings.leakage:
             compare.add_leakage(compact, results, self.model, self.tokenizer, inputs, indices, self.settings)
         return list(zip(positions, compact))

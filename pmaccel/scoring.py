@@ -47,7 +47,7 @@ import torch
 from pmaccel.errors import PMAccelError
 from pmaccel.rows import Row, Sample
 from pmaccel.run import Job, Records, run_job, run_settings
-from pmaccel.settings import Settings
+from pmaccel.settings import Settings, default
 
 SCORE_KEYS = ("logprobs", "num_target_tokens", "nlls")  # per branch, in a result / parallel row
 SCORE_FLAT_KEYS = ("logprob", "num_target_tokens", "nll")  # in a flat row
@@ -176,8 +176,9 @@ class ScoredPack:
     scored_from: list[list[int]]  # per branch: packed index of the token whose logits score each target token
 
 
-def pack_for_scoring(st: ScoreTokens, *, branch_stride: int = 128, align: str = "left",
-                     interleave_branches: bool = True, time_offset_rng: random.Random | None = None) -> ScoredPack:
+def pack_for_scoring(st: ScoreTokens, *, branch_stride: int = default("branch_stride"), align: str = default("align"),
+                     interleave_branches: bool = default("interleave_branches"),
+                     time_offset_rng: random.Random | None = None) -> ScoredPack:
     """Lay out main and each branch's prompt + target as one packed sample (SPEC §2) and find, for every
     target token, the packed index of its predecessor in the branch (main's last token for the first
     target token of a branch with no prompt)."""
@@ -242,17 +243,17 @@ def score_samples(
     tokenizer: Any,
     samples: Sequence[Mapping[str, Any]],
     *,
-    mask: str | None = None,
-    batch_size: int = 16,
-    batch_by_samples: bool = True,
-    chat_template: bool = False,
-    branch_stride: int = 128,
-    align: str = "left",
-    interleave_branches: bool = True,
-    random_time_offset: bool = False,
-    seed: int = 0,
+    mask: str | None = default("mask"),
+    batch_size: int = SCORE_BATCH_SIZE,
+    batch_by_samples: bool = default("batch_by_samples"),
+    chat_template: bool = default("chat_template"),
+    branch_stride: int = default("branch_stride"),
+    align: str = default("align"),
+    interleave_branches: bool = default("interleave_branches"),
+    random_time_offset: bool = default("random_time_offset"),
+    seed: int = default("seed"),
     indices: Sequence[int] | None = None,
-    deterministic: bool | None = None,
+    deterministic: bool | None = default("deterministic"),
 ) -> list[dict]:
     """Teacher-forced log-likelihood of each branch's target under the packed layout.
 
@@ -284,19 +285,19 @@ def score_samples(
         ...                             "branches": [" Paris", " Rome"]}])[0]["logprobs"]  # doctest: +SKIP
         [-1.9, -7.4]
     """
-    from pmaccel.decode import check_call, sample_seed
+    from pmaccel.request import Layout, check_call
     from pmaccel.samples import batch_end
 
     rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
+    layout = Layout(chat_template=chat_template, branch_stride=branch_stride, align=align,
+                    interleave_branches=interleave_branches, random_time_offset=random_time_offset, seed=seed)
     packs = []
     for i, s in zip(indices, samples):
         try:
             st = tokenize_for_scoring(s, tokenizer, chat_template=chat_template)
         except PMAccelError as e:
             raise PMAccelError(f"sample {i}: {e}") from None
-        rng = random.Random(sample_seed(seed, i)) if random_time_offset else None
-        packs.append(pack_for_scoring(st, branch_stride=branch_stride, align=align,
-                                      interleave_branches=interleave_branches, time_offset_rng=rng))
+        packs.append(pack_for_scoring(st, **layout.pack_kwargs(i)))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(packs)), key=lambda i: packs[i].packed.num_tokens)  # less padding per batch
@@ -375,16 +376,12 @@ class ScoreJob(Job):
                     on_results: Callable[[list[tuple[int, dict]]], None]) -> dict[str, float]:
         """Score the samples batch by batch (one forward each; an OOM halves the batch)."""
         from pmaccel.distribute import run_batches
+        from pmaccel.request import score_kwargs
 
         def run_batch(start: int, end: int, batch_size: int) -> list[dict]:
             batch = samples[start:end]
-            results = score_samples(
-                model, tokenizer, [s.as_input() for s in batch], indices=[s.index for s in batch],
-                batch_size=batch_size, batch_by_samples=settings.batch_by_samples, mask=settings.mask,
-                chat_template=settings.chat_template, branch_stride=settings.branch_stride, align=settings.align,
-                interleave_branches=settings.interleave_branches, random_time_offset=settings.random_time_offset,
-                seed=settings.seed, deterministic=settings.deterministic,
-            )
+            results = score_samples(model, tokenizer, [s.as_input() for s in batch], indices=[s.index for s in batch],
+                                    batch_size=batch_size, **score_kwargs(settings))
             return [{"logprobs": r["logprobs"], "num_target_tokens": r["num_target_tokens"]} for r in results]
 
         run_batches([len(s.branches) for s in samples], run_batch,

@@ -124,10 +124,20 @@ class Settings:
                 raise PMAccelError(f"must be one of {', '.join(choices)}, got {value!r}", field=f.name)
         _check_ranges(self)
 
-    @property
-    def sampling(self) -> bool:
-        """Whether decoding samples (temperature > 0) rather than taking the argmax."""
-        return self.temperature > 0
+
+def default(name: str) -> Any:
+    """The default of setting ``name``, the one place it is written (function signatures use this).
+
+    Example:
+        >>> default("max_new_tokens")
+        128
+    """
+    return _defaults()[name]
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 def _check_ranges(s: Settings) -> None:

@@ -20,8 +20,8 @@ ipywidgets and matplotlib are imported when the app is built (``pip install "pma
 
 from __future__ import annotations
 
+import dataclasses
 import html
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -361,23 +361,21 @@ class InspectorApp:
                 "top_p": self.top_p.value, "seed": self.seed.value, "mask": self.mask.value}
 
     def _decode_kwargs(self, gen: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments of ``pmaccel.generate`` for this sample: the controls + the run's settings."""
-        st = self.settings
-        return dict(gen, top_k=st.top_k, repetition_penalty=st.repetition_penalty, chat_template=st.chat_template,
-                    branch_stride=st.branch_stride, align=st.align, interleave_branches=st.interleave_branches,
-                    random_time_offset=st.random_time_offset)
+        """The keyword arguments of ``pmaccel.generate`` for this sample: the run's settings, then the controls."""
+        from pmaccel.request import generate_kwargs
+
+        return {**generate_kwargs(self.settings), **gen}
 
     def _layout_sample(self) -> None:
         """Pack the sample as decoding did, append the outputs on display, and build the grid."""
-        from pmaccel.decode import sample_seed
-        from pmaccel.layout import append_outputs, pack_sample
-        from pmaccel.samples import tokenize_sample
+        from pmaccel.layout import append_outputs
+        from pmaccel.request import Layout, pack_request
 
-        s, st = self.sample, self.settings
-        ts = tokenize_sample(s.as_input(), self.tokenizer, chat_template=st.chat_template)
-        rng = random.Random(sample_seed(st.seed, s.index)) if st.random_time_offset else None
-        prompt = pack_sample(ts, branch_stride=st.branch_stride, align=st.align,
-                             interleave_branches=st.interleave_branches, time_offset_rng=rng)
+        s = self.sample
+        layout = Layout.of(self.settings)
+        if s.generation and "seed" in s.generation:  # decoded here, with the controls' seed
+            layout = dataclasses.replace(layout, seed=s.generation["seed"])
+        ts, prompt = pack_request(s.as_input(), self.tokenizer, layout, s.index)
         out_ids = s.output_ids
         if out_ids is None:
             out_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] if o else []
