@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_notebooks import NOTEBOOKS, write_kernelspec
+from helpers_notebooks import NOTEBOOKS, write_kernelspec
 
 # scripts/test.sh sets PMACCEL_SKIP_BROWSER to the reason when it could not install Chromium.
 SKIP_BROWSER = os.environ.get("PMACCEL_SKIP_BROWSER", "")

@@ -7,8 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
-from test_distribute import launch
+from helpers_infer import MIXED_ROWS, launch, read_jsonl, write_jsonl
 
 import pmaccel
 import pmaccel.decode
@@ -149,7 +148,7 @@ def test_resume_on_another_number_of_processes(run, reference, tmp_path, tiny, m
         run()
     monkeypatch.undo()
     assert len(parts(tmp_path)) == 1
-    launch(3, base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
+    launch(pmaccel.infer, 3, base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
            branches_per_sample=2, max_new_tokens=8, batch_size=2)
     assert (tmp_path / "out.jsonl").read_bytes() == reference and not parts(tmp_path)
 

@@ -6,27 +6,14 @@ The kernel is this interpreter, through a ``python3`` kernelspec written to a te
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from helpers_notebooks import NOTEBOOKS, WIDGET_MIME, write_kernelspec
 from nbclient import NotebookClient
 
 pytestmark = pytest.mark.slow
-
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-
-
-def write_kernelspec(root: Path) -> Path:
-    """A ``python3`` kernelspec for this interpreter under ``root``; put ``root`` first on JUPYTER_PATH."""
-    spec = root / "kernels" / "python3"
-    spec.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "pmaccel", "language": "python"}))
-    return root
-
 
 def text_of(cell) -> str:
     """Everything a code cell printed or displayed, as text."""

@@ -70,6 +70,7 @@ def _spec_allowed(time, branch, is_main, mode):  # SPEC §3, pair by pair
     return out
 
 
+@pytest.mark.slow
 def test_picker_shows_the_sample_and_its_branches(app):
     assert app.picker.min == 0 and app.picker.max == len(RECORDS) - 1
     app.picker.value = 3
@@ -88,6 +89,7 @@ def test_picker_shows_the_sample_and_its_branches(app):
         assert html.escape(branch) in card and f"prompt {len(_ids(app.tokenizer, branch))} tokens" in card
 
 
+@pytest.mark.slow
 def test_search_by_id_and_by_text(app):
     app.search.value = "story"
     assert app.picker.value == 2
@@ -97,6 +99,7 @@ def test_search_by_id_and_by_text(app):
     assert app.picker.value == 3 and "no sample matches" in app.search_status.value
 
 
+@pytest.mark.slow
 def test_grid_cells_are_the_tokens_by_time_and_branch(app, tok):
     app.picker.value = 3
     rec = RECORDS[3]
@@ -118,6 +121,7 @@ def test_grid_cells_are_the_tokens_by_time_and_branch(app, tok):
     assert app.grid_cells()[0][0] == tok.decode([_ids(tok, RECORDS[1]["branches"][0])[0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["isolated", "columnar"])
 def test_mask_heatmap_follows_the_spec_rule(app, mode):
     app.picker.value = 3
@@ -131,6 +135,7 @@ def test_mask_heatmap_follows_the_spec_rule(app, mode):
     assert app.mask_image.value[:4] == b"\x89PNG" and app.mask_image.value != before
 
 
+@pytest.mark.slow
 def test_leakage_rows_sum_to_one_and_isolated_is_zero_off_branch(app, model):
     app.picker.value = 3
     app.mask.value = "isolated"
@@ -151,6 +156,7 @@ def test_leakage_rows_sum_to_one_and_isolated_is_zero_off_branch(app, model):
     assert app.leakage_image.value[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_run_streams_what_generate_returns_and_save_appends_it(app, model, tok, tmp_path):
     app.picker.value = 3
     app.mask.value = "columnar"
@@ -192,6 +198,7 @@ def test_run_streams_what_generate_returns_and_save_appends_it(app, model, tok, 
     assert "saved sample 3" in app.status.value
 
 
+@pytest.mark.slow
 def test_settings_reach_the_layout_and_run(tok, tmp_path):
     model = tiny_model("llama", vocab_size=len(tok), seed=1)
     patch_rope(model, 0.5)
@@ -211,6 +218,7 @@ def test_settings_reach_the_layout_and_run(tok, tmp_path):
     assert result["output_ids"] == ref["output_ids"] and app.branch_outputs() == ref["outputs"]
 
 
+@pytest.mark.slow
 def test_read_only_without_a_model_then_attach(model, tok):
     default = pmaccel.inspect(RECORDS)  # no tokenizer either: the embedded model's, and it says so
     assert "embedded SmolLM2-135M-Instruct tokenizer" in default.notice.value
@@ -227,6 +235,7 @@ def test_read_only_without_a_model_then_attach(model, tok):
     np.testing.assert_allclose(app.leakage_matrix.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sources_file_dataset_and_infer_output(model, tok, tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
@@ -256,6 +265,7 @@ def test_sources_file_dataset_and_infer_output(model, tok, tmp_path):
     assert greedy["outputs"] == app.branch_outputs()  # infer's sample 1 is the picker's sample 1
 
 
+@pytest.mark.slow
 def test_bad_sources_and_missing_extras(tok, monkeypatch):
     with pytest.raises(PMAccelError, match="records:2: the row has neither"):
         pmaccel.inspect([RECORDS[0], {"foo": 1}], tokenizer=tok)
@@ -275,6 +285,7 @@ def test_import_pmaccel_stays_light():
     assert callable(pmaccel.inspect)
 
 
+@pytest.mark.slow
 def test_group_attention_is_used_for_the_shown_outputs(app, model):
     app.picker.value = 0
     app.mask.value = "isolated"
