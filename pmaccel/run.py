@@ -9,7 +9,7 @@ Importing this module is light (torch, transformers and accelerate load when ``i
          in sample order into the output, line by line -> clean up
 
 What is computed per batch, and how results become records, is a ``Job``: this module's ``Job``
-decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.compare``);
+decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.measure``);
 ``pmaccel.scoring.ScoreJob`` scores (``pmaccel.score``). The pipeline is one.
 """
 
@@ -253,9 +253,9 @@ class Job:
     def records(self, sample: Sample, rows: Sequence[Row], result: dict,
                 settings: Settings) -> list[tuple[int, dict]]:
         """The output records of a sample's rows, as ``(row position, record)``."""
-        from pmaccel import compare
+        from pmaccel import measure
 
-        keys, parallel, flat = compare.record_keys(settings)
+        keys, parallel, flat = measure.record_keys(settings)
         return output.row_records(sample, rows, result, keys=keys, parallel_keys=parallel, flat_keys=flat)
 
     def wants_totals(self, settings: Settings) -> bool:
@@ -269,9 +269,9 @@ class Job:
         the number of processes. ``{}`` when the job has none."""
         if not (settings.compare or settings.leakage):
             return {}, []
-        from pmaccel import compare
+        from pmaccel import measure
 
-        return compare.totals(results, settings)
+        return measure.totals(results, settings)
 
 
 def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
@@ -300,16 +300,16 @@ class _Extras:
 
     def __call__(self, items: list[tuple[int, Sample, dict]]) -> list[tuple[int, dict]]:
         """``(position, sample, full result)`` -> ``(position, compact result with the extras)``."""
-        from pmaccel import compare, request
+        from pmaccel import measure, request
 
         positions, samples, results = zip(*items)
         compact = [output.compact_result(r) for r in results]
         inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
         if self.settings.compare:
-            compare.add_reference(compact, results, self.model, self.tokenizer, inputs, indices=indices,
+            measure.add_reference(compact, results, self.model, self.tokenizer, inputs, indices=indices,
                                   engine=self.engine, **request.generate_kwargs(self.settings))
         if self.settings.leakage:
-            compare.add_leakage(compact, results, self.model, self.tokenizer, inputs, indices, self.settings)
+            measure.add_leakage(compact, results, self.model, self.tokenizer, inputs, indices, self.settings)
         return list(zip(positions, compact))
 
 

@@ -149,7 +149,7 @@ class LayoutGrid:
 
 def layout_grid(packed: Any, num_prompt: int, tokenizer: Any, labels: list[str]) -> LayoutGrid:
     """The grid of a final packed sequence whose first ``num_prompt`` tokens are the prompt."""
-    from pmaccel.attention import token_groups
+    from pmaccel.measure import token_groups
 
     groups, _ = token_groups(packed)
     t0, t1 = int(packed.time.min()), int(packed.time.max())

@@ -5,7 +5,7 @@
     branches              prompt, output, finish reason, token counts per branch
     layout grid           time columns across, main and branches down, token text in the cells
     mask heatmap          which token may attend to which (columnar / isolated), SPEC §3
-    attention heatmap     branch x branch attention mass of one layer or all (``pmaccel.attention``)
+    attention heatmap     branch x branch attention mass of one layer or all (``pmaccel.measure``)
     Run / Save            re-decode this sample with ``pmaccel.generate`` (streamed step by step),
                           append it with its new outputs to a JSONL file
 
@@ -183,7 +183,7 @@ class InspectorApp:
     @property
     def mask_matrix(self) -> np.ndarray:
         """The mask on display, [N, N] bool in packed order (query rows, key columns)."""
-        from pmaccel.attention import sample_mask
+        from pmaccel.measure import sample_mask
 
         return sample_mask(self._packed, self.mask.value).numpy()
 
@@ -413,7 +413,7 @@ class InspectorApp:
         self.branches_box.children = cards
 
     def _render_views(self) -> None:
-        from pmaccel.attention import token_groups
+        from pmaccel.measure import token_groups
 
         groups, _ = token_groups(self._packed)
         self.mask_image.value = mask_png(self.mask_matrix, groups.numpy(), self.group_labels, self.mask.value)
@@ -426,7 +426,7 @@ class InspectorApp:
                                                f"attention mass, {self.mask.value} mask, {layer}")
 
     def _group_attention(self) -> Any:
-        from pmaccel.attention import group_attention
+        from pmaccel.measure import group_attention
 
         if self.model is None:
             return None

@@ -17,8 +17,8 @@ import pytest
 from conftest import tiny_model
 
 import pmaccel
-from pmaccel.attention import group_attention
 from pmaccel.errors import PMAccelError
+from pmaccel.measure import group_attention
 from pmaccel.rope import patch_rope
 from pmaccel.samples import tokenize_sample
 
