@@ -41,6 +41,7 @@ READ_SHARD_ROWS = 200_000  # rows of a parquet/csv/arrow table per reading task
 TOKENIZE_BATCH = 1000  # rows per call of the tokenizing function (one tokenizer call for their texts)
 TAKE_CHUNK = 4096  # samples materialised at a time when a whole table is iterated
 REMAP_ROWS = 65536  # rows read through a memory-mapped table before it is mapped afresh (bounds RSS)
+TOKENIZE_RANGE = 500_000  # rows tokenized per Dataset.map call (the pages a process reads are released after)
 
 
 def example_path() -> Path:
@@ -153,12 +154,12 @@ class RowTable:
             got = self.data[int(bad[0])]
             raise PMAccelError(got["error"], file=self.path, row=got["number"], field=got["field"])
         if not len(bad):
-            return self.data, []
+            return remapped(self.data), []
         import numpy as np
 
         keep = np.ones(len(self.data), dtype=bool)
         keep[bad] = False
-        return self.data.select(np.flatnonzero(keep)), self.skipped(bad)
+        return remapped(self.data).select(np.flatnonzero(keep)), self.skipped(bad)
 
 
 def load_rows(data_path: str | Path | None = None, *, num_workers: int = 0) -> RowTable:
@@ -630,10 +631,16 @@ def tokenize_rows(rows: Any, tokenizer: Any, grouping: Grouping, *, count: Calla
                            LAYOUT])
     if not len(rows):  # every row skipped
         return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-    nproc = num_workers if num_workers > 1 and len(rows) > TOKENIZE_BATCH else None
-    with _quiet_datasets():
-        return rows.map(fn, batched=True, batch_size=TOKENIZE_BATCH, num_proc=nproc, features=features,
-                        remove_columns=rows.column_names, new_fingerprint=fingerprint)
+    parts = []
+    for start in range(0, len(rows), TOKENIZE_RANGE):  # a range at a time, each from a fresh mapping of the rows
+        end = min(start + TOKENIZE_RANGE, len(rows))
+        part = rows if end - start == len(rows) else remapped(rows).select(range(start, end))
+        nproc = num_workers if num_workers > 1 and len(part) > TOKENIZE_BATCH else None
+        with _quiet_datasets():
+            parts.append(part.map(fn, batched=True, batch_size=TOKENIZE_BATCH, num_proc=nproc, features=features,
+                                  remove_columns=rows.column_names,
+                                  new_fingerprint=fingerprint if part is rows else _digest([fingerprint, start, end])))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 class _Tokenize:

@@ -39,6 +39,7 @@ from pmaccel.rows import (
     check_data_path,
     group_samples,
     load_rows,
+    remapped,
     tokenize_rows,
 )
 from pmaccel.settings import Settings, settings_from_kwargs
@@ -352,15 +353,17 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     if not len(rows):
         raise PMAccelError("the file has no rows", file=rows.path)
     valid, read_skipped = rows.check(settings.on_error)  # every rank meets the same first bad row
+    path, lists_as_json = rows.path, rows.lists_as_json
+    del rows  # its mapping: the pages the check read leave this process
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
     clock.mark("load_s")
     grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
     with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
         tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings),
-                               count_name=job.kind, lists_as_json=rows.lists_as_json,
-                               num_workers=settings.num_workers)
-    table, skipped = group_samples(RowsView(valid, rows.lists_as_json), tokens, rows.path, grouping, read_skipped)
+                               count_name=job.kind, lists_as_json=lists_as_json, num_workers=settings.num_workers)
+    table, skipped = group_samples(RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped)
+    del valid, tokens  # the samples' table holds fresh mappings of both
     param = next(model.parameters())
     keys = _Keys(settings, job, runtime=f"{param.dtype}@{param.device.type}")
     clock.mark("tokenize_s")

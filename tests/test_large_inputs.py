@@ -150,7 +150,7 @@ def test_every_format_carries_every_row_shape(tmp_path, fmt):
         (r.number, r.flat, r.main, r.branches, r.key) for r in reference]
 
 
-def test_tokenized_once_in_workers_with_the_ids_of_tokenize_sample(tmp_path):
+def test_tokenized_once_in_workers_with_the_ids_of_tokenize_sample(tmp_path, monkeypatch):
     rows = generated_rows(300, seed=1)
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     tok = make_tokenizer()
@@ -160,6 +160,8 @@ def test_tokenized_once_in_workers_with_the_ids_of_tokenize_sample(tmp_path):
     two = tokenize_rows(valid, tok, g, num_workers=2)
     assert one.to_list() == two.to_list()
     assert tokenize_rows(valid, tok, g).cache_files == one.cache_files, "a second call loads the cache"
+    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_RANGE", 128)  # three ranges, each mapped on its own
+    assert tokenize_rows(valid, tok, g, num_workers=2).to_list() == one.to_list()
     for row, got in zip(rows, one):
         sample = row if "branches" in row else {"branches": [
             {"input_ids": row["input_ids"]} if "input_ids" in row else row.get("text", row.get("prompt"))]}
