@@ -35,10 +35,11 @@ FLAT_KEYS = ("text", "prompt", "input_ids")
 SCORE_KEYS = ("target", "answer_offset")  # what ``pmaccel score`` reads from a branch (or a flat row)
 DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-LAYOUT = 1  # part of every cache fingerprint: bump when what the row or token tables hold changes
+LAYOUT = 2  # part of every cache fingerprint: bump when what the row or token tables hold changes
 READ_SHARD_BYTES = 32 << 20  # a JSON-lines file is read in byte ranges of about this size
 READ_SHARD_ROWS = 200_000  # rows of a parquet/csv/arrow table per reading task
-TOKENIZE_BATCH = 1000  # rows per call of the tokenizing function (one tokenizer call for their texts)
+TOKENIZE_BATCH = 10_000  # rows per call of the tokenizing function (one tokenizer call; one Arrow record batch)
+WRITE_BATCH_ROWS = 10_000  # rows per record batch of the row table: opening a mapping reads every batch's header
 TAKE_CHUNK = 4096  # samples materialised at a time when a whole table is iterated
 REMAP_ROWS = 65536  # rows read through a memory-mapped table before it is mapped afresh (bounds RSS)
 TOKENIZE_RANGE = 500_000  # rows tokenized per Dataset.map call (the pages a process reads are released after)
@@ -133,9 +134,8 @@ class RowTable:
     def bad_positions(self) -> Any:
         """Positions of the rows with an error (numpy)."""
         import numpy as np
-        import pyarrow.compute as pc
 
-        return np.flatnonzero(pc.is_valid(self.data.data.column("error")).to_numpy(zero_copy_only=False))
+        return np.flatnonzero(read_columns(self.data, [], valid=["error"])["error"])
 
     def skipped(self, positions: Iterable[int]) -> list[Skipped]:
         """The bad rows at ``positions``, as ``Skipped``."""
@@ -207,6 +207,7 @@ def load_rows(data_path: str | Path | None = None, *, num_workers: int = 0) -> R
     with _quiet_datasets():
         data = datasets.Dataset.from_generator(
             _generate_rows, features=features, num_proc=nproc if nproc > 1 else None,
+            writer_batch_size=WRITE_BATCH_ROWS,
             gen_kwargs={"shards": shards, "source": source, "lists_as_json": lists_as_json,
                         "stamp": _stamp(path), "layout": LAYOUT})
     return RowTable(path=name, data=data, lists_as_json=lists_as_json)
@@ -253,6 +254,33 @@ def read_rows(data_path: str | Path | None = None, *, on_error: str = "raise", n
     table = load_rows(data_path, num_workers=num_workers)
     valid, skipped = table.check(on_error)
     return Table(path=table.path, rows=RowsView(valid, table.lists_as_json), skipped=skipped)
+
+
+def read_columns(data: Any, names: Sequence[str], valid: Sequence[str] = ()) -> dict[str, Any]:
+    """Whole columns of a dataset as numpy arrays (``valid``: whether each value is non-null), read batch by
+    batch from its cache files with plain reads: through the memory map, the OS's read-ahead would bring the
+    neighbouring list columns into this process's resident memory too."""
+    import numpy as np
+    import pyarrow as pa
+
+    out: dict[str, list] = {n: [] for n in [*names, *valid]}
+    files = [f["filename"] for f in data.cache_files]
+    if data._indices is None and files and len(data.data) == len(data):
+        total = 0
+        for name in files:
+            with pa.OSFile(name) as source:
+                for batch in pa.ipc.open_stream(source):
+                    total += batch.num_rows
+                    for n in names:
+                        out[n].append(batch.column(n).to_numpy(zero_copy_only=False).copy())
+                    for n in valid:
+                        out[n].append(batch.column(n).is_valid().to_numpy(zero_copy_only=False))
+        if total == len(data):
+            return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
+        out = {n: [] for n in out}
+    table = data.with_format("arrow")[:]  # in memory, or not one table per file: through the table
+    return {**{n: table.column(n).to_numpy() for n in names},
+            **{n: table.column(n).is_valid().to_numpy(zero_copy_only=False) for n in valid}}
 
 
 def remapped(data: Any) -> Any:
@@ -826,13 +854,10 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
         PMAccelError: a row that cannot be used (``on_error="raise"``), as ``file:row: field: problem``.
     """
     import numpy as np
-    import pyarrow.compute as pc
 
-    table = tokens.data
-    flat = table.column("flat").to_numpy(zero_copy_only=False).astype(bool)
-    ntok = table.column("num_tokens").to_numpy()
-    nbr = table.column("num_branches").to_numpy()
-    bad = pc.is_valid(table.column("tok_error")).to_numpy(zero_copy_only=False)
+    columns = read_columns(tokens, ["flat", "num_tokens", "num_branches"], valid=["tok_error"])
+    flat, bad = columns["flat"].astype(bool), columns["tok_error"].astype(bool)
+    ntok, nbr = columns["num_tokens"].astype(np.int64), columns["num_branches"].astype(np.int64)
     found: list[int] = []  # positions of rows that cannot be used
 
     def on_bad(pos: int) -> None:

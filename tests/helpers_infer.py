@@ -114,3 +114,31 @@ def hf_alone(model, tok, rows, max_new_tokens: int) -> list[list[list[int]]]:
             per_branch.append(new[:next((i for i, t in enumerate(new) if t in eos), len(new))])
         out.append(per_branch)
     return out
+
+
+def rank() -> int:
+    """This process's rank under a launcher (0 alone)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def log_collectives(monkeypatch, log):
+    """Record, per rank, what each collective carries (forked ranks inherit the patches): ``gather_object``
+    (to every rank) and ``distribute.gather_to_main`` (to the main process). Returns a reader of the log."""
+    import os
+
+    import accelerate.utils
+
+    from pmaccel import distribute
+
+    def note(kind, payload):
+        with open(log, "a") as f:
+            f.write(json.dumps({"rank": rank(), "kind": kind,
+                                "payload": json.dumps(payload, default=str)}) + "\n")
+
+    real_gather, real_to_main = accelerate.utils.gather_object, distribute.gather_to_main
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: (note("gather_object", obj), real_gather(obj))[1])
+    monkeypatch.setattr(distribute, "gather_to_main",
+                        lambda acc, value: (note("to_main", value), real_to_main(acc, value))[1])
+    return lambda: [json.loads(line) for line in open(log)] if os.path.exists(log) else []

@@ -15,7 +15,7 @@ import helpers_infer
 import numpy as np
 import pytest
 import torch
-from helpers_infer import MIXED_ROWS, write_jsonl
+from helpers_infer import MIXED_ROWS, log_collectives, rank, write_jsonl
 
 from pmaccel import distribute, output
 from pmaccel.run import infer
@@ -179,37 +179,15 @@ def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, 
     assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _log_collectives(monkeypatch, log):
-    """Record, per rank, what each collective carries (forked ranks inherit the patches)."""
-    import accelerate.utils
-
-    def note(kind, payload):
-        with open(log, "a") as f:
-            f.write(json.dumps({"rank": _rank(), "kind": kind,
-                                "payload": json.dumps(payload, default=str)}) + "\n")
-
-    real_gather, real_to_main = accelerate.utils.gather_object, distribute.gather_to_main
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: (note("gather_object", obj), real_gather(obj))[1])
-    monkeypatch.setattr(distribute, "gather_to_main",
-                        lambda acc, value: (note("to_main", value), real_to_main(acc, value))[1])
-    return lambda: [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-
-
 @pytest.mark.parametrize("shared_filesystem", [True, False])
 def test_results_travel_to_the_main_process_only(shared_filesystem, tiny, mixed, tmp_path, monkeypatch):
     common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=6, batch_size=2)
     launch(1, out_path=str(tmp_path / "one.jsonl"), **common)
-    seen = _log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
+    seen = log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
     if not shared_filesystem:  # each rank sees its own part file only, as on nodes without a shared disk
         real = output.find_part_files
         monkeypatch.setattr(output, "find_part_files", lambda out: [
-            p for p in real(out) if f".part-{_rank():05d}-" in p.name])
+            p for p in real(out) if f".part-{rank():05d}-" in p.name])
     launch(3, out_path=str(tmp_path / "three.jsonl"), **common)
     assert (tmp_path / "three.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     calls = seen()

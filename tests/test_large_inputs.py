@@ -9,15 +9,21 @@ import random
 
 import datasets
 import pytest
-from helpers_infer import MIXED_ROWS, make_tokenizer, write_jsonl
-from test_distribute import _log_collectives, _rank, launch
+from helpers_infer import MIXED_ROWS, log_collectives, make_tokenizer, rank, write_jsonl
+from helpers_infer import launch as launch_job
 
 import pmaccel
 import pmaccel.rows
 from pmaccel import output, run
 from pmaccel.errors import PMAccelError
 from pmaccel.rows import Grouping, load_rows, make_samples, read_rows, tokenize_rows
+from pmaccel.run import infer
 from pmaccel.samples import tokenize_sample
+
+
+def launch(num_processes, **kwargs):
+    return launch_job(infer, num_processes, **kwargs)
+
 
 WORDS = "the a cat dog sea sun moon tree river city house book red blue green big small old new good".split()
 
@@ -195,14 +201,14 @@ def test_a_rank_never_holds_the_full_result_set(tiny, tmp_path, monkeypatch):
 
     def take(self, indices, rows=None, with_ids=True):
         with open(taken, "a") as f:
-            f.write(json.dumps({"rank": _rank(), "ids": with_ids, "n": [int(i) for i in indices]}) + "\n")
+            f.write(json.dumps({"rank": rank(), "ids": with_ids, "n": [int(i) for i in indices]}) + "\n")
         return real_take(self, indices, rows, with_ids)
 
     monkeypatch.setattr(pmaccel.rows.SampleTable, "take", take)
-    seen = _log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
+    seen = log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
     real_find = output.find_part_files
     monkeypatch.setattr(output, "find_part_files", lambda out: [
-        p for p in real_find(out) if f".part-{_rank():05d}-" in p.name])
+        p for p in real_find(out) if f".part-{rank():05d}-" in p.name])
     launch(2, out_path=str(tmp_path / "two.jsonl"), **common)
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
