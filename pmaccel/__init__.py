@@ -20,7 +20,7 @@ _EXPORTS = {
     "generate": "pmaccel.decode",
     "Engine": "pmaccel.engine",  # generate(..., engine=Engine(model)) keeps graphs and KV memory across calls
     "EngineConfig": "pmaccel.engine",
-    "infer": "pmaccel.run",
+    "infer": "pmaccel.inference",
     "score": "pmaccel.scoring",  # the module is not named "score": importing it would shadow the function
     "Settings": "pmaccel.settings",
     "PMAccelError": "pmaccel.errors",

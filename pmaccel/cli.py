@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             records = score(settings)
         else:
             settings = parse_settings(argv)
-            from pmaccel.run import infer
+            from pmaccel.inference import infer
 
             records = infer(settings)
     except PMAccelError as e:

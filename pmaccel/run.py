@@ -1,16 +1,16 @@
-"""``infer()``: rows in, ordered JSONL out, resumable; the same call in plain Python, under
-``notebook_launcher`` and under ``accelerate launch`` (SPEC §7, §8, §11).
+"""The job runner behind ``infer()`` and ``score()``: rows in, ordered JSONL out, resumable; the same
+call in plain Python, under ``notebook_launcher`` and under ``accelerate launch`` (SPEC §7, §8, §11).
 
-Importing this module is light (torch, transformers and accelerate load when ``infer`` runs).
+Importing this module is light (torch, transformers and accelerate load when a job runs).
 
     settings -> check the output path -> read rows (an Arrow table, built once) -> load model
       -> tokenize (Dataset.map, cached) -> group into samples (numpy) -> part files (resume)
       -> this rank's share, a chunk of samples at a time -> the main process merges the part files
          in sample order into the output, line by line -> clean up
 
-What is computed per batch, and how results become records, is a ``Job``: this module's ``Job``
-decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of ``pmaccel.measure``);
-``pmaccel.scoring.ScoreJob`` scores (``pmaccel.score``). The pipeline is one.
+What is computed per batch, and how results become records, is a ``Job``:
+``pmaccel.inference.GenerateJob`` decodes (``infer``, with the ``--compare`` / ``--leakage`` extras of
+``pmaccel.measure``); ``pmaccel.scoring.ScoreJob`` scores (``score``). The pipeline is one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -44,10 +43,7 @@ from pmaccel.rows import (
 )
 from pmaccel.settings import Settings, settings_from_kwargs
 
-logger = logging.getLogger("pmaccel")
 WRITE_EVERY_S = 1.0  # part files are appended and fsynced at most this often (and at the end)
-EXTRAS_CHUNK = 32  # --compare/--leakage run on this many finished samples at a time
-ENGINE_PHASES = ("capture_s", "prefill_s", "decode_s", "steps", "rows", "lanes")
 RUN_CHUNK = 8192  # samples of a rank's share materialised (and handed to the engine) at a time
 MERGE_CHUNK = 4096  # samples merged into the output at a time (and asked of other ranks without a shared disk)
 
@@ -136,43 +132,13 @@ class Records(Sequence):
         return f"Records({len(self)} rows of {self.path})"
 
 
-def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
-    """Run parallel inference over a data file and write one JSONL line per input row, in input order.
-
-    The same call works in a plain Python process, under ``accelerate launch`` / ``torchrun`` (each
-    process takes a share of the samples; results are gathered) and under ``notebook_launcher``.
-    Finished samples are appended to per-process part files as they come, so an interrupted run
-    resumes where it stopped.
-
-    Args:
-        settings: a ``Settings`` (``notebook_launcher`` passes arguments by position); keyword
-            arguments override its fields.
-        **kwargs: any ``Settings`` field (``pmaccel --help`` lists them).
-
-    Returns:
-        On the main process, the records written (a list with a ``summary`` attribute); on the
-        other processes ``None``.
-
-    Raises:
-        PMAccelError: a bad setting or input (file, row and field in the message); nothing is
-            written to ``out_path`` then.
-
-    Example:
-        >>> records = pmaccel.infer(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP
-        >>> records.summary.samples  # doctest: +SKIP
-        >>> from accelerate import notebook_launcher  # doctest: +SKIP
-        >>> settings = pmaccel.Settings(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP
-        >>> notebook_launcher(pmaccel.infer, (settings,), num_processes=2)  # doctest: +SKIP
-    """
-    return run_job(run_settings(settings, kwargs), Job())
-
-
 class Job:
-    """What a run computes per batch of samples and how results become records: decoding here.
+    """What a run computes per batch of samples and how results become records.
 
-    Subclasses override what differs (``pmaccel.scoring.ScoreJob``); reading rows, sharding, part
-    files, resume, the gather and the ordered output stay in ``run_job``. A result is a JSON dict
-    per sample whose per-branch lists are in branch order.
+    ``run_job`` reads the rows, shards them, keeps the part files, resumes and writes the ordered output;
+    a job says what differs: ``pmaccel.inference.GenerateJob`` decodes (``infer``),
+    ``pmaccel.scoring.ScoreJob`` scores (``score``). A result is a JSON dict per sample whose per-branch
+    lists are in branch order.
     """
 
     name = "pmaccel"  # the progress bar and the summary
@@ -187,92 +153,34 @@ class Job:
         return settings.data_path
 
     def counter(self, tokenizer: Any, settings: Settings) -> Callable[[Row], int] | None:
-        """``row -> tokens`` for ``make_samples`` (checks a row for this job); ``None``: prompt tokens."""
+        """``row -> tokens`` for the grouping (checks a row for this job); ``None``: prompt tokens."""
         return None
 
     def run_samples(self, settings: Settings, model: Any, tokenizer: Any, samples: Sequence[Sample],
                     on_results: Callable[[list[tuple[int, dict]]], None]) -> dict[str, float]:
         """Compute every sample's result; hand finished ones to ``on_results`` as ``(position, result)``
-        pairs as they come (the caller writes them out). Returns the engine's timings.
-
-        Decoding runs on one engine for the whole share (continuous batching), RUN_CHUNK samples per call
-        (``samples`` materialises them on access; their ids were tokenized once); an out-of-memory error
-        releases it and goes on with half the rows, keeping what had finished.
-        """
-        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-
-        from pmaccel import decode, request
-
-        engine = _engine(settings, model)
-        extras = _Extras(settings, model, tokenizer) if settings.compare or settings.leakage else None
-        held: list[tuple[int, dict]] = []  # finished, waiting for their --compare/--leakage extras
-
-        def finished(i: int, result: dict) -> None:
-            if extras is None:
-                on_results([(i, output.compact_result(result))])
-                return
-            held.append((i, result))
-            if len(held) >= EXTRAS_CHUNK:
-                on_results(extras([(j, samples[j], r) for j, r in held]))
-                held.clear()
-
-        try:
-            for start in range(0, len(samples), RUN_CHUNK):
-                todo = list(range(start, min(start + RUN_CHUNK, len(samples))))
-                while todo:
-                    done: set[int] = set()
-                    try:
-                        for pos, result in decode.decode_stream(
-                                model, tokenizer, [samples[i].decode_input() for i in todo],
-                                indices=[samples[i].index for i in todo], engine=engine,
-                                **request.generate_kwargs(settings)):
-                            done.add(todo[pos])
-                            finished(todo[pos], result)
-                        todo = []
-                    except RuntimeError as e:
-                        rows = int(engine.stats["rows"])
-                        if not should_reduce_batch_size(e) or rows <= 1:
-                            raise
-                        engine.release()
-                        clear_device_cache(garbage_collection=True)
-                        engine.config.max_rows = max(1, rows // 2)
-                        logger.warning("out of memory; going on with %d rows", engine.config.max_rows)
-                        todo = [i for i in todo if i not in done]
-                if held:
-                    on_results(extras([(j, samples[j], r) for j, r in held]))
-                    held.clear()
-            return {k: float(engine.stats[k]) for k in ENGINE_PHASES}
-        finally:
-            engine.release()
-            if extras:
-                extras.engine.release()
+        pairs as they come (the caller writes them out). Returns per-phase timings for the summary."""
+        raise NotImplementedError
 
     def tokens(self, result: dict) -> int:
         """What a result counts toward the progress bar's tokens/s."""
-        return sum(result["num_generated_tokens"])
+        raise NotImplementedError
 
     def records(self, sample: Sample, rows: Sequence[Row], result: dict,
                 settings: Settings) -> list[tuple[int, dict]]:
         """The output records of a sample's rows, as ``(row position, record)``."""
-        from pmaccel import measure
-
-        keys, parallel, flat = measure.record_keys(settings)
-        return output.row_records(sample, rows, result, keys=keys, parallel_keys=parallel, flat_keys=flat)
+        raise NotImplementedError
 
     def wants_totals(self, settings: Settings) -> bool:
         """Whether ``totals`` has anything to add (then every result is held on the main process for it)."""
-        return settings.compare or settings.leakage
+        return False
 
     def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
                settings: Settings) -> tuple[dict[str, Any], list[str]]:
         """Dataset totals and the same in words, on the main process, from every sample's result once
         (de-duplicated, in index order): sums, never averages of averages, so they do not depend on
         the number of processes. ``{}`` when the job has none."""
-        if not (settings.compare or settings.leakage):
-            return {}, []
-        from pmaccel import measure
-
-        return measure.totals(results, settings)
+        return {}, []
 
 
 def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
@@ -283,41 +191,10 @@ def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
     return settings_from_kwargs(kwargs, base=settings)
 
 
-def _engine(settings: Settings, model: Any) -> Any:
-    """A decode engine whose pool ``--batch_size`` caps (0: sized from the device memory)."""
-    from pmaccel import decode
-    from pmaccel.engine import Engine
-
-    return Engine(model, decode.engine_config(settings.batch_size or None, settings.batch_by_samples,
-                                              settings.deterministic))
-
-
-class _Extras:
-    """``--compare`` / ``--leakage`` for a chunk of finished samples (the reference decode has its own engine)."""
-
-    def __init__(self, settings: Settings, model: Any, tokenizer: Any):
-        self.settings, self.model, self.tokenizer = settings, model, tokenizer
-        self.engine = _engine(settings, model)
-
-    def __call__(self, items: list[tuple[int, Sample, dict]]) -> list[tuple[int, dict]]:
-        """``(position, sample, full result)`` -> ``(position, compact result with the extras)``."""
-        from pmaccel import measure, request
-
-        positions, samples, results = zip(*items)
-        compact = [output.compact_result(r) for r in results]
-        inputs, indices = [s.as_input() for s in samples], [s.index for s in samples]
-        if self.settings.compare:
-            measure.add_reference(compact, results, self.model, self.tokenizer, inputs, indices=indices,
-                                  engine=self.engine, **request.generate_kwargs(self.settings))
-        if self.settings.leakage:
-            measure.add_leakage(compact, results, self.model, self.tokenizer, inputs, indices, self.settings)
-        return list(zip(positions, compact))
-
-
 def run_job(settings: Settings, job: Job) -> Records | None:
     """Run ``job`` over the rows of ``settings.data_path`` and write its ordered, resumable output.
 
-    Every process calls this; see ``infer`` for the launchers. Returns the records on the main
+    Every process calls this; see ``pmaccel.inference.infer`` for the launchers. Returns the records on the main
     process, ``None`` on the others.
     """
     job.check(settings)

@@ -19,8 +19,8 @@ from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
 
 import pmaccel.model
 from pmaccel.cli import main
+from pmaccel.inference import infer
 from pmaccel.rows import example_path
-from pmaccel.run import infer
 from pmaccel.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 from helpers_infer import MIXED_ROWS, log_collectives, rank, write_jsonl
 
 from pmaccel import distribute, output
-from pmaccel.run import infer
+from pmaccel.inference import infer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from helpers_infer import MIXED_ROWS, launch, read_jsonl, write_jsonl
 import pmaccel
 import pmaccel.decode
 from pmaccel.errors import PMAccelError
-from pmaccel.run import infer
+from pmaccel.inference import infer
 from pmaccel.settings import Settings
 
 
@@ -104,7 +104,7 @@ def test_a_second_run_in_the_same_process_and_max_samples(run, tmp_path):
 
 
 def test_public_infer_is_the_function_after_every_module_is_imported():
-    for name in ("pmaccel.run", "pmaccel.cli", "pmaccel.decode", "pmaccel.widget"):
+    for name in ("pmaccel.run", "pmaccel.inference", "pmaccel.cli", "pmaccel.decode", "pmaccel.widget"):
         importlib.import_module(name)
     assert pmaccel.infer is infer
 

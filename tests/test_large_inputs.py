@@ -16,8 +16,8 @@ import pmaccel
 import pmaccel.rows
 from pmaccel import output, run
 from pmaccel.errors import PMAccelError
+from pmaccel.inference import infer
 from pmaccel.rows import Grouping, load_rows, make_samples, read_rows, tokenize_rows
-from pmaccel.run import infer
 from pmaccel.samples import tokenize_sample
 
 

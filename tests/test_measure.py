@@ -19,11 +19,11 @@ import pmaccel
 import pmaccel.model
 from pmaccel.cli import main
 from pmaccel.errors import PMAccelError
+from pmaccel.inference import infer
 from pmaccel.layout import append_outputs, pack_sample
 from pmaccel.measure import first_divergence, group_attention, rope_2d_off, sample_mask
 from pmaccel.rope import is_rope_2d, patch_rope
 from pmaccel.rows import example_path
-from pmaccel.run import infer
 from pmaccel.samples import TokenizedSample, tokenize_sample
 
 
