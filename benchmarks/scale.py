@@ -68,7 +68,8 @@ def write_model(path: Path) -> None:
 PREPARE = """
 import json, resource, sys, time
 from transformers import AutoTokenizer
-from pmaccel.rows import Grouping, load_rows, tokenize_rows
+from pmaccel.grouping import Grouping, tokenize_rows
+from pmaccel.rows import load_rows
 rows, model, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(model)
 t = time.perf_counter()
@@ -85,7 +86,8 @@ import resource, sys, time
 from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 from pmaccel import output
-from pmaccel.rows import Grouping, RowsView, group_samples, load_rows, tokenize_rows
+from pmaccel.grouping import Grouping, group_samples, tokenize_rows
+from pmaccel.rows import RowsView, load_rows
 from pmaccel.settings import Settings
 rows, model, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 settings = Settings(base_model=model, data_path=rows, out_path=out, max_new_tokens=1, device="cpu",

@@ -2,7 +2,7 @@
 
     agree_on_done    one gather before the loop: which samples are finished (a bit per sample)
     shard            ``split_between_processes`` (padding on) over the unfinished sample indices (a tensor)
-    run_batches      this rank's samples, batch by batch; an OOM halves the batch and retries it
+    run_batches      this rank's samples, batch by batch (``batch_end``); an OOM halves the batch and retries it
     broadcast_from_main / gather_to_main   the results the main process cannot read from the part files
                      itself (no shared filesystem) travel to it alone, a chunk of samples at a time
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from pmaccel.samples import batch_end
 
 logger = logging.getLogger("pmaccel")
 
@@ -137,3 +135,19 @@ def gather_to_main(accelerator: Any, value: Any) -> list[Any] | None:
     gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
+
+
+def batch_end(sizes: Sequence[int], start: int, batch_size: int, by_samples: bool) -> int:
+    """End (exclusive) of the batch that starts at ``start``: ``batch_size`` samples, or, when not
+    ``by_samples``, as many samples as fit in ``batch_size`` branches (at least one).
+
+    ``sizes`` are the samples' branch counts. ``score_samples`` and ``run_batches`` cut their batches
+    with this rule, so a batch formed by one is one forward batch of the other.
+    """
+    if by_samples:
+        return min(start + batch_size, len(sizes))
+    end, load = start, 0
+    while end < len(sizes) and (end == start or load + sizes[end] <= batch_size):
+        load += sizes[end]
+        end += 1
+    return end

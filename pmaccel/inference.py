@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pmaccel import output, run
-from pmaccel.rows import Row, Sample
+from pmaccel.grouping import Sample
+from pmaccel.rows import Row
 from pmaccel.run import Job, Records, run_job, run_settings
 from pmaccel.settings import Settings
 

@@ -28,19 +28,8 @@ from typing import Any
 
 from pmaccel import distribute, output
 from pmaccel.errors import PMAccelError
-from pmaccel.rows import (
-    Grouping,
-    Row,
-    RowsView,
-    Sample,
-    SampleTable,
-    Skipped,
-    check_data_path,
-    group_samples,
-    load_rows,
-    remapped,
-    tokenize_rows,
-)
+from pmaccel.grouping import Grouping, Sample, SampleTable, group_samples, tokenize_rows
+from pmaccel.rows import Row, RowsView, Skipped, check_data_path, load_rows, remapped
 from pmaccel.settings import Settings, settings_from_kwargs
 
 WRITE_EVERY_S = 1.0  # part files are appended and fsynced at most this often (and at the end)

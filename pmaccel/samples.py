@@ -127,19 +127,3 @@ def tokenize_sample(sample: Mapping[str, Any], tokenizer: Any, *, chat_template:
         if len(ids) == 0:
             raise PMAccelError("branch is empty after tokenization; give it some text", field=f"branches[{k}]")
     return TokenizedSample(main=list(main_ids), branches=[list(b) for b in branch_ids])
-
-
-def batch_end(sizes: Sequence[int], start: int, batch_size: int, by_samples: bool) -> int:
-    """End (exclusive) of the batch that starts at ``start``: ``batch_size`` samples, or, when not
-    ``by_samples``, as many samples as fit in ``batch_size`` branches (at least one).
-
-    ``sizes`` are the samples' branch counts. ``generate``, ``score_samples`` and ``infer`` all cut
-    their batches with this rule, so a batch formed by one is one forward batch of the others.
-    """
-    if by_samples:
-        return min(start + batch_size, len(sizes))
-    end, load = start, 0
-    while end < len(sizes) and (end == start or load + sizes[end] <= batch_size):
-        load += sizes[end]
-        end += 1
-    return end

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 from pmaccel.errors import PMAccelError
-from pmaccel.rows import Row, Sample
+from pmaccel.grouping import Sample
+from pmaccel.rows import Row
 from pmaccel.run import Job, Records, run_job, run_settings
 from pmaccel.settings import Settings, default
 
@@ -285,8 +286,8 @@ def score_samples(
         ...                             "branches": [" Paris", " Rome"]}])[0]["logprobs"]  # doctest: +SKIP
         [-1.9, -7.4]
     """
+    from pmaccel.distribute import batch_end
     from pmaccel.request import Layout, check_call
-    from pmaccel.samples import batch_end
 
     rope_2d, mask, indices = check_call(model, samples, mask=mask, batch_size=batch_size, indices=indices)
     layout = Layout(chat_template=chat_template, branch_stride=branch_stride, align=align,

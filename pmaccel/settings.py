@@ -67,7 +67,8 @@ class Settings:
         0, "flat rows: prompt-token budget of one sample (0 = none); a longer single branch is an error",
         result=False)
     num_workers: int = _opt(
-        0, "worker processes for loading parquet/csv/arrow data (0 or 1 = none)", result=False)
+        0, "worker processes that read and tokenize the rows, any format (0 or 1 = none); the row and token "
+           "tables are cached in the datasets cache (HF_DATASETS_CACHE), about twice the input's size", result=False)
     # batching
     batch_size: int = _opt(
         0, "the most samples decoded at once, or branches per step with --no_batch_by_samples; 0 = as many as "

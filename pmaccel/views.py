@@ -82,7 +82,8 @@ def load_samples(source: Any, tokenizer: Any, settings: Settings) -> tuple[str, 
     Returns:
         A name for the source and its samples, in sample order.
     """
-    from pmaccel.rows import Grouping, Table, check_row, make_samples, read_rows
+    from pmaccel.grouping import Grouping, make_samples
+    from pmaccel.rows import Table, check_row, read_rows
 
     if isinstance(source, str | Path):
         table, name = read_rows(source, on_error="raise"), str(source)

@@ -13,11 +13,13 @@ from helpers_infer import MIXED_ROWS, log_collectives, make_tokenizer, rank, wri
 from helpers_infer import launch as launch_job
 
 import pmaccel
+import pmaccel.grouping
 import pmaccel.rows
 from pmaccel import output, run
 from pmaccel.errors import PMAccelError
+from pmaccel.grouping import Grouping, make_samples, tokenize_rows
 from pmaccel.inference import infer
-from pmaccel.rows import Grouping, load_rows, make_samples, read_rows, tokenize_rows
+from pmaccel.rows import load_rows, read_rows
 from pmaccel.samples import tokenize_sample
 
 
@@ -166,7 +168,7 @@ def test_tokenized_once_in_workers_with_the_ids_of_tokenize_sample(tmp_path, mon
     two = tokenize_rows(valid, tok, g, num_workers=2)
     assert one.to_list() == two.to_list()
     assert tokenize_rows(valid, tok, g).cache_files == one.cache_files, "a second call loads the cache"
-    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_RANGE", 128)  # three ranges, each mapped on its own
+    monkeypatch.setattr(pmaccel.grouping, "TOKENIZE_RANGE", 128)  # three ranges, each mapped on its own
     assert tokenize_rows(valid, tok, g, num_workers=2).to_list() == one.to_list()
     for row, got in zip(rows, one):
         sample = row if "branches" in row else {"branches": [
@@ -197,14 +199,14 @@ def test_a_rank_never_holds_the_full_result_set(tiny, tmp_path, monkeypatch):
     launch(1, out_path=str(tmp_path / "one.jsonl"), **common)
 
     taken = tmp_path / "taken.jsonl"
-    real_take = pmaccel.rows.SampleTable.take
+    real_take = pmaccel.grouping.SampleTable.take
 
     def take(self, indices, rows=None, with_ids=True):
         with open(taken, "a") as f:
             f.write(json.dumps({"rank": rank(), "ids": with_ids, "n": [int(i) for i in indices]}) + "\n")
         return real_take(self, indices, rows, with_ids)
 
-    monkeypatch.setattr(pmaccel.rows.SampleTable, "take", take)
+    monkeypatch.setattr(pmaccel.grouping.SampleTable, "take", take)
     seen = log_collectives(monkeypatch, str(tmp_path / "collectives.jsonl"))
     real_find = output.find_part_files
     monkeypatch.setattr(output, "find_part_files", lambda out: [
@@ -231,4 +233,4 @@ def test_batched_ids_are_the_tokenizer_call_with_the_embedded_tokenizer(smollm2)
     _, tok = smollm2
     texts = ["What is the capital of France?", "  leading and trailing  ", "ünïcödé ✓ 中文 🙂", "<|im_start|>user",
              "\n\nline\r\nbreaks\tand tabs", "a" * 300, " ".join(WORDS)]
-    assert pmaccel.rows._batch_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    assert pmaccel.grouping._batch_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]

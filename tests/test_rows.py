@@ -11,7 +11,8 @@ import pytest
 from helpers_infer import MIXED_ROWS, make_tokenizer, write_jsonl
 
 from pmaccel.errors import PMAccelError
-from pmaccel.rows import Grouping, example_path, make_samples, read_rows
+from pmaccel.grouping import Grouping, make_samples
+from pmaccel.rows import example_path, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +249,10 @@ def test_batched_token_counts_equal_one_sample_at_a_time(tmp_path, monkeypatch):
     """Rows are tokenized a chunk per tokenizer call; every sample's count is what tokenize_sample gives it."""
     from helpers_infer import make_tokenizer
 
-    import pmaccel.rows
+    import pmaccel.grouping
     from pmaccel.samples import tokenize_sample
 
-    monkeypatch.setattr(pmaccel.rows, "TOKENIZE_BATCH", 3)  # several chunks, a row split from its group
+    monkeypatch.setattr(pmaccel.grouping, "TOKENIZE_BATCH", 3)  # several chunks, a row split from its group
     tok = make_tokenizer()
     rows = MIXED_ROWS + [{"main": "", "branches": [{"input_ids": [5, 6]}, "the cat", {"text": "a red sun"}]},
                          {"text": "one two three"}, {"input_ids": [7, 8, 9]}]

@@ -293,7 +293,7 @@ def test_resume_after_a_crash_and_no_reuse_of_infer_results(tiny, rows_file, tmp
     assert (tmp_path / "s.jsonl").read_bytes() == reference.read_bytes()
 
     keys = pmaccel.output.sample_keys
-    from pmaccel.rows import Sample
+    from pmaccel.grouping import Sample
     from pmaccel.settings import Settings
 
     s = [Sample(index=0, rows=(0,), flat=False, main="a", branches=["b"])]
