@@ -13,12 +13,15 @@ from typing import Any
 import torch
 
 from pmaccel.errors import PMAccelError
+from pmaccel.settings import default
+
+DEFAULT_DTYPE, DEFAULT_DEVICE = default("dtype"), default("device")  # "auto": resolved per device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = DEFAULT_DEVICE) -> torch.device:
     """``"auto"``: the first CUDA device if there is one, else the CPU."""
     if isinstance(device, torch.device):
         return device
@@ -30,7 +33,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise PMAccelError(f"unknown device {device!r} ({e})", field="device") from None
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype = DEFAULT_DTYPE, device: torch.device | None = None) -> torch.dtype:
     """``"auto"``: bfloat16 on CUDA, float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -114,10 +117,10 @@ def load_model(
     *,
     lora_path: str | os.PathLike | None = None,
     lora_rank: int | None = None,
-    rope_2d_ratio: float = 0.5,
+    rope_2d_ratio: float = default("rope_2d_ratio"),
     patch_rope: bool | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = DEFAULT_DTYPE,
+    device: str | torch.device = DEFAULT_DEVICE,
     merge_lora: bool = True,
     attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any]:

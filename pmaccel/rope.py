@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pmaccel.errors import PMAccelError
+from pmaccel.settings import default
 
 POS1D, BPOS, TIME = 0, 1, 2  # columns of the [B, T, 3] position_ids
 
@@ -72,7 +73,7 @@ def _rotary_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def patch_rope(model: nn.Module, ratio: float = 0.5) -> list[str]:
+def patch_rope(model: nn.Module, ratio: float = default("rope_2d_ratio")) -> list[str]:
     """Replace every rotary module of ``model`` by a ``Rope2D`` wrapper, in place.
 
     Args:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pmaccel.errors import PMAccelError
+from pmaccel.samples import is_token_ids
 
 FLAT_KEYS = ("text", "prompt", "input_ids")
 TARGET_KEYS = ("target", "answer_offset")  # what ``pmaccel score`` reads from a branch (or a flat row)
@@ -515,7 +516,7 @@ def _check_branch(branch: Any, name: str) -> str | dict[str, Any]:
     if isinstance(branch, Mapping):
         ids, text = branch.get("input_ids"), branch.get("text")
         if ids is not None:
-            if _is_ids(ids):
+            if is_token_ids(ids):
                 return {"input_ids": list(ids), **_score_fields(branch)}
             raise PMAccelError(f"input_ids must be a list of integers, got {_type_name(ids)}", field=name)
         if isinstance(text, str):
@@ -526,11 +527,6 @@ def _check_branch(branch: Any, name: str) -> str | dict[str, Any]:
         f"a branch must be a string, {{'text': str}} or {{'input_ids': [int]}}, got {_type_name(branch)}",
         field=name,
     )
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str | bytes) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _score_fields(branch: Mapping[str, Any]) -> dict[str, Any]:

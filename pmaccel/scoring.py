@@ -48,6 +48,7 @@ from pmaccel.errors import PMAccelError
 from pmaccel.grouping import Sample
 from pmaccel.rows import Row
 from pmaccel.run import Job, Records, run_job, run_settings
+from pmaccel.samples import ScoreTokens, tokenize_for_scoring
 from pmaccel.settings import Settings, default
 
 SCORE_KEYS = ("logprobs", "num_target_tokens", "nlls")  # per branch, in a result / parallel row
@@ -59,110 +60,6 @@ DECODING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetit
 def mc_path() -> Path:
     """The small multiple-choice set shipped with pmaccel: the data of ``pmaccel score`` without ``data_path``."""
     return Path(__file__).parent / "data" / "mc_easy.jsonl"
-
-
-@dataclass(frozen=True)
-class ScoreTokens:
-    """Token ids of one sample to score: main, and each branch's prompt and target."""
-
-    main: list[int]
-    prompts: list[list[int]]
-    targets: list[list[int]]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.main) + sum(len(p) + len(t) for p, t in zip(self.prompts, self.targets))
-
-
-# ----------------------------------------------------------------------------- tokenization
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def split_branch(branch: Any, k: int) -> tuple[str | list[int], str | list[int]]:
-    """A branch's (prompt, target), each text or ids (SPEC §1 branch forms plus ``target`` /
-    ``answer_offset``; see the module docstring).
-
-    Raises:
-        PMAccelError: both ``target`` and ``answer_offset``, an ``answer_offset`` on ids or past the text.
-    """
-    name = f"branches[{k}]"
-    if isinstance(branch, str):
-        return "", branch
-    if not isinstance(branch, Mapping):
-        raise PMAccelError(f"a branch to score must be a string or an object, got {type(branch).__name__}",
-                           field=name)
-    prompt = branch["input_ids"] if branch.get("input_ids") is not None else branch.get("text") or ""
-    target, offset = branch.get("target"), branch.get("answer_offset")
-    if target is not None and offset is not None:
-        raise PMAccelError("give a target or an answer_offset, not both", field=name)
-    if target is not None:
-        if not (isinstance(target, str) or _is_ids(target)):
-            raise PMAccelError(f"target must be a string or a list of token ids, got {type(target).__name__}",
-                               field=f"{name}.target")
-        return prompt, target
-    if offset is not None:
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise PMAccelError(f"answer_offset must be a character offset (an integer >= 0), got {offset!r}",
-                               field=f"{name}.answer_offset")
-        if not isinstance(prompt, str):
-            raise PMAccelError("answer_offset is a character offset into text; give text, not input_ids",
-                               field=f"{name}.answer_offset")
-        if not 0 <= offset < len(prompt):
-            raise PMAccelError(f"answer_offset {offset} leaves no answer in a text of {len(prompt)} characters",
-                               field=f"{name}.answer_offset")
-        return prompt[:offset], prompt[offset:]
-    return "", prompt  # no target: the whole branch is scored, given main
-
-
-def tokenize_for_scoring(sample: Mapping[str, Any], tokenizer: Any, *, chat_template: bool = False) -> ScoreTokens:
-    """Main, prompts and targets of one sample, each tokenized on its own (no special tokens).
-
-    With ``chat_template`` the prompts are wrapped like ``generate`` wraps branches (``main`` and the
-    prompt in one user turn, generation prompt added; main becomes the common prefix) and the target
-    follows as the start of the assistant's reply.
-
-    Raises:
-        PMAccelError: an empty target, or a branch whose first target token has nothing before it.
-
-    Example:
-        >>> st = tokenize_for_scoring({"main": "Q:", "branches": [" yes", " no"]}, tokenizer)  # doctest: +SKIP
-        >>> st.prompts, len(st.targets)  # doctest: +SKIP
-        ([[], []], 2)
-    """
-    from pmaccel.samples import tokenize_sample
-
-    branches = sample.get("branches")
-    if not isinstance(branches, Sequence) or isinstance(branches, str | bytes) or not branches:
-        raise PMAccelError("branches must be a non-empty list", field="branches")
-    main = sample.get("main") or ""
-    if isinstance(main, Mapping) and main.get("input_ids") is not None:
-        main = list(main["input_ids"])
-    if not isinstance(main, str | list):
-        raise PMAccelError(f"main must be a string, got {type(main).__name__}", field="main")
-    pairs = [split_branch(b, k) for k, b in enumerate(branches)]
-    if chat_template:
-        if not isinstance(main, str) or not all(isinstance(p, str) for p, _ in pairs):
-            raise PMAccelError("chat_template needs text, not input_ids, in main and branches", field="branches")
-        ts = tokenize_sample({"main": main, "branches": [p for p, _ in pairs]}, tokenizer, chat_template=True)
-        main_ids, prompts = ts.main, ts.branches
-    else:
-        main_ids = _encode(tokenizer, main) if isinstance(main, str) else main
-        prompts = [_encode(tokenizer, p) if isinstance(p, str) else list(p) for p, _ in pairs]
-    targets = [_encode(tokenizer, t) if isinstance(t, str) else list(t) for _, t in pairs]
-    for k, (prompt, target) in enumerate(zip(prompts, targets)):
-        if not target:
-            raise PMAccelError("the target is empty after tokenization; give it some text", field=f"branches[{k}]")
-        if not prompt and not main_ids:
-            raise PMAccelError("nothing comes before the target, so its first token cannot be scored; give the "
-                               "branch a prompt (text + target) or the row a main", field=f"branches[{k}]")
-    return ScoreTokens(main=main_ids, prompts=prompts, targets=targets)
 
 
 # ----------------------------------------------------------------------------- layout
