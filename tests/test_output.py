@@ -1,0 +1,63 @@
+"""pmaccel.output: part files read back by (index, key) whatever the process count, a line cut by a crash
+ignored and sealed, atomic output files, and an unwritable output refused up front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmaccel.errors import PMAccelError
+from pmaccel.output import PartResults, PartWriter, check_writable, part_path, write_jsonl
+
+K, OTHER = "0123456789abcdef" * 2, "fedcba9876543210" * 2  # resume keys are hex digests
+
+
+def test_part_files_of_any_world_size_are_found_by_index_and_key(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with PartWriter(part_path(out, 0, 2)) as w:
+        w.append([(0, K, {"a": 1}), (2, K, {"a": 3})])
+    with PartWriter(part_path(out, 1, 2)) as w:
+        w.append([(1, K, {"a": 2}), (1, OTHER, {"a": 9})])
+    with PartWriter(part_path(out, 0, 1)) as w:  # an earlier run on one process
+        w.append([(3, K, {"a": 4})])
+    with PartResults(out) as found:
+        assert len(found) == 5
+        assert [found.get(i, K)["a"] for i in range(4)] == [1, 2, 3, 4]
+        assert (1, OTHER) in found and (2, OTHER) not in found and (7, K) not in found
+
+
+def test_a_line_cut_by_a_crash_is_ignored_and_sealed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    part = part_path(out, 0, 1)
+    with PartWriter(part) as w:
+        w.append([(0, K, {"a": 1})])
+    with open(part, "ab") as f:
+        f.write(b'{"index": 1, "key": "' + K.encode() + b'", "res')  # killed mid-line
+    with PartResults(out) as found:
+        assert len(found) == 1
+    with PartWriter(part) as w:  # the resumed run appends after the cut line
+        w.append([(1, K, {"a": 2})])
+    with PartResults(out) as found:
+        assert found.get(1, K) == {"a": 2} and found.get(0, K) == {"a": 1}
+
+
+def test_write_jsonl_replaces_the_file_only_when_complete(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+
+    def records():
+        yield {"x": 1}
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, records())
+    assert path.read_text() == "old\n" and not list(tmp_path.glob("*.tmp"))
+    write_jsonl(path, [{"x": 1}, {"y": "é"}])
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"x": 1}, {"y": "é"}]
+
+
+def test_an_unwritable_output_is_refused(tmp_path):
+    with pytest.raises(PMAccelError, match="is a directory"):
+        check_writable(tmp_path)
+    assert check_writable(tmp_path / "new" / "out.jsonl").parent.is_dir()
