@@ -5,7 +5,7 @@ import torch
 
 from pmaccel.errors import PMAccelError
 from pmaccel.layout import TokenMeta, additive_mask, allowed, collate, pack_sample
-from pmaccel.samples import TokenizedSample, tokenize_sample
+from pmaccel.samples import TokenizedSample
 
 
 def test_left_aligned_layout_by_hand():
@@ -111,39 +111,6 @@ def test_unknown_mask_is_an_error():
     meta = TokenMeta(*(torch.zeros(1, 1, dtype=d) for d in (torch.long, torch.long, torch.bool, torch.bool)))
     with pytest.raises(PMAccelError, match="unknown mask 'causal'"):
         allowed(meta, meta, torch.zeros(1, 1, dtype=torch.long), "causal")
-
-
-class _WordTok:
-    """A whitespace tokenizer over a fixed vocabulary."""
-
-    def __init__(self):
-        self.vocab = {}
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]}
-
-
-def test_tokenize_keeps_main_and_branches_separate():
-    tok = _WordTok()
-    ts = tokenize_sample({"main": "a b", "branches": ["c", {"text": "d e"}, {"input_ids": [42]}]}, tok)
-    assert ts.main == [1, 2] and ts.branches == [[3], [4, 5], [42]]
-
-
-@pytest.mark.parametrize(
-    "sample, match",
-    [
-        ({"branches": []}, "branch list is empty"),
-        ({"branches": "abc"}, "branches must be a list"),
-        ({"main": "x"}, "branches must be a list"),
-        ({"branches": ["ok", "   "]}, r"branches\[1\]: branch is empty after tokenization"),
-        ({"branches": [3]}, r"branches\[0\]: branch must be a string"),
-        ({"branches": [{"input_ids": ["a"]}]}, "input_ids must be a list of integers"),
-        ({"main": 5, "branches": ["x"]}, "main must be a string"),
-    ],
-)
-def test_bad_samples_raise_clear_errors(sample, match):
-    with pytest.raises(PMAccelError, match=match):
-        tokenize_sample(sample, _WordTok())
 
 
 def test_append_outputs_in_decoding_order_by_hand():
