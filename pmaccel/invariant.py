@@ -77,8 +77,8 @@ if triton is not None:
         tl.store(out + rm[:, None] * som + rn[None, :] * son, acc.to(out.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    @triton.jit(do_not_specialize=["rows"])
-    def _row_mean_kernel(x, out, rows, n, stride, BLOCK: tl.constexpr):
+    @triton.jit
+    def _row_mean_kernel(x, out, n, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -161,7 +161,7 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     out = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0]:
         block = min(triton.next_power_of_2(n), 4096)
-        _row_mean_kernel[(x2.shape[0],)](x2, out, x2.shape[0], n, x2.stride(0), BLOCK=block, num_warps=4)
+        _row_mean_kernel[(x2.shape[0],)](x2, out, n, x2.stride(0), BLOCK=block, num_warps=4)
     out = out.to(x.dtype).reshape(x.shape[:-1])
     return out.unsqueeze(-1) if keepdim else out
 
