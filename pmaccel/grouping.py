@@ -29,6 +29,7 @@ from pmaccel.rows import (
     RowsView,
     Skipped,
     Table,
+    TakeSequence,
     _digest,
     _error_text,
     _quiet_datasets,
@@ -234,7 +235,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 @dataclass
-class SampleTable(Sequence):
+class SampleTable(TakeSequence):
     """The samples of a run (SPEC §1, §8): which valid rows make each (numpy arrays), materialised on request.
 
     ``samples[i]`` / ``take(indices)`` read just those rows from the Arrow tables; nothing else is held, so
@@ -253,13 +254,6 @@ class SampleTable(Sequence):
 
     def __len__(self) -> int:
         return len(self.num_tokens)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return self.take(range(*i.indices(len(self))))
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.take([i % len(self)])[0]
 
     def __iter__(self) -> Iterator[Sample]:
         for start in range(0, len(self), TAKE_CHUNK):

@@ -254,7 +254,22 @@ def remapped(data: Any) -> Any:
     return pickle.loads(pickle.dumps(data)) if data.cache_files else data
 
 
-class RowsView(Sequence):
+class TakeSequence(Sequence):
+    """A sequence read in batches: subclasses define ``__len__`` and ``take(positions)``; an item or a slice
+    is a ``take`` of those positions."""
+
+    def take(self, positions: Sequence[int]) -> list:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.take([i % len(self)])[0]
+
+
+class RowsView(TakeSequence):
     """The valid rows of a table as ``Row``s, read from the Arrow table on access (nothing held; the table is
     mapped afresh every REMAP_ROWS rows read)."""
 
@@ -264,13 +279,6 @@ class RowsView(Sequence):
 
     def __len__(self) -> int:
         return len(self.data)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return self.take(range(*i.indices(len(self))))
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.take([i % len(self)])[0]
 
     def take(self, positions: Sequence[int]) -> list[Row]:
         """The rows at ``positions``, in that order."""
