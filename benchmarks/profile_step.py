@@ -1,18 +1,23 @@
 """Where a decode step's time goes: graph replay time per row bucket, and the kernels of an eager step.
 
     python benchmarks/profile_step.py --model 0.5b --workload W1
+    python benchmarks/profile_step.py --e2e_dir /tmp/pmaccel-e2e   # the rows and model benchmarks/e2e.py wrote
+
+With ``--e2e_dir`` the engine first decodes those rows twice (the second run warm) and prints its phases.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
 
 import torch
 from bench import WORKLOADS, IdsTokenizer, build_model, make_samples
 
 import pmaccel
 from pmaccel.engine import Engine, EngineConfig
-from pmaccel.slots import grouped_attention
 
 
 def main() -> None:
@@ -22,12 +27,36 @@ def main() -> None:
     ap.add_argument("--mask", default="columnar")
     ap.add_argument("--rows", type=int, default=25, help="kernels to list")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--e2e_dir", default=None, help="profile the model and rows.jsonl of a benchmarks/e2e.py workdir")
+    ap.add_argument("--max_new_tokens", type=int, default=128, help="with --e2e_dir")
+    ap.add_argument("--no_deterministic", action="store_true", help="the default kernels, not the invariant ones")
     args = ap.parse_args()
-    model = build_model(args.model, "cuda")
-    w = WORKLOADS[args.workload]
-    samples = make_samples(w, model.config.vocab_size)
-    engine = Engine(model, EngineConfig(max_rows=len(samples)))
-    pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
+    deterministic = False if args.no_deterministic else None
+    if args.e2e_dir:
+        work = Path(args.e2e_dir)
+        model, tok = pmaccel.load_model(str(work / "model"), dtype="bf16")
+        rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
+        engine = Engine(model, EngineConfig(deterministic=deterministic))
+        for run in ("first", "warm"):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = pmaccel.generate(model, tok, rows, max_new_tokens=args.max_new_tokens, mask=args.mask, engine=engine)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            st = engine.stats
+            tokens = sum(len(ids) for r in out for ids in r["output_ids"])
+            lanes_used = tokens / max(1, st["steps"] * st["lanes"])
+            print(f"{run}: {wall:.2f} s, {tokens} tokens, steps {st['steps']:.0f}, rows {st['rows']:.0f} x K "
+                  f"{st['lanes'] / st['rows']:.0f}, lane use {lanes_used:.0%}; capture {st['capture_s']:.2f}, "
+                  f"prefill {st['prefill_s']:.2f} ({st['prefills']:.0f} forwards), decode {st['decode_s']:.2f}, "
+                  f"other {wall - st['capture_s'] - st['prefill_s'] - st['decode_s']:.2f}")
+            engine._reset_stats()
+    else:
+        model = build_model(args.model, "cuda")
+        w = WORKLOADS[args.workload]
+        samples = make_samples(w, model.config.vocab_size)
+        engine = Engine(model, EngineConfig(max_rows=len(samples), deterministic=deterministic))
+        pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
     runner = engine.runner  # kept after the run: its pool is empty, so a step costs what a full one does
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for n in sorted(runner.graphs, reverse=True):
@@ -40,7 +69,7 @@ def main() -> None:
     if args.no_profile:
         return
     n = runner.R
-    with torch.inference_mode(), grouped_attention(model):
+    with torch.inference_mode(), engine.attention():
         start.record()
         for _ in range(10):
             runner.step(n)

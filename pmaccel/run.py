@@ -133,6 +133,9 @@ class Job:
     name = "pmaccel"  # the progress bar and the summary
     kind = ""  # part of every resume key: results of another kind are never reused ("" = decoding)
     ignore: tuple[str, ...] = ()  # settings that do not change this job's results
+    # fp32 on the CPU gives results that do not depend on the batch: tokens do (an argmax or a draw keeps
+    # them), scores do not (their last bits follow the GEMMs' blocking, which follows the batch's shape)
+    invariant_on_cpu = True
 
     def check(self, settings: Settings) -> None:
         """Refuse settings this job cannot run with (before anything is read or loaded)."""
@@ -512,12 +515,13 @@ def _summary(table: SampleTable, skipped: list[Skipped], count: dict[str, int], 
         skipped_rows=len(skipped), samples_computed=count["computed"], samples_resumed=len(table) - count["computed"],
         generated_tokens=count["generated"], tokens=count["tokens"],
         wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
-        deterministic=_deterministic(settings),
+        deterministic=_deterministic(settings, job),
     )
 
 
-def _deterministic(settings: Settings) -> bool:
-    """Whether the run's results do not depend on the batch: the invariant kernels ran (CUDA), or fp32 on the CPU."""
+def _deterministic(settings: Settings, job: Job) -> bool:
+    """Whether the run's results do not depend on the batch: the invariant kernels ran (CUDA), or fp32 on the CPU
+    for a job whose results keep that (``Job.invariant_on_cpu``)."""
     from accelerate import PartialState
 
     from pmaccel import invariant
@@ -525,4 +529,4 @@ def _deterministic(settings: Settings) -> bool:
     device = PartialState().device
     if device.type == "cuda":
         return invariant.resolve(settings.deterministic, device)
-    return settings.dtype in ("auto", "float32", "fp32")
+    return job.invariant_on_cpu and settings.dtype in ("auto", "float32", "fp32")

@@ -252,6 +252,7 @@ class ScoreJob(Job):
     name = "pmaccel score"
     kind = "score"
     ignore = DECODING_SETTINGS
+    invariant_on_cpu = False  # scores in fp32 on the CPU agree to ~1e-7 relative across batch sizes, not to the bit
 
     def check(self, settings: Settings) -> None:
         for name in ("compare", "leakage"):

@@ -110,6 +110,9 @@ def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
     assert "deterministic" in str(det.summary)
     assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["deterministic"] is True
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    # scores on the CPU are not claimed: their last bits follow the batch's shape even in fp32
+    scores = pmaccel.score(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "s.jsonl"))
+    assert not scores.summary.deterministic
 
 
 # ----------------------------------------------------------------------------- bf16 on the GPU
@@ -265,10 +268,12 @@ def test_bf16_scores_do_not_depend_on_the_batch(bf16_run):
     import pmaccel
 
     root, model, data, _ = bf16_run
+    scored = root / "scored.jsonl"  # a branch is scored after its main, so every row needs one
+    scored.write_text("".join(line + "\n" for line in data.read_text().splitlines() if json.loads(line)["main"]))
     files = []
     for batch in (1, 7, 64):
         out = root / f"score-b{batch}.jsonl"
-        done = pmaccel.score(base_model=str(model), data_path=str(data), out_path=str(out), dtype="bf16",
+        done = pmaccel.score(base_model=str(model), data_path=str(scored), out_path=str(out), dtype="bf16",
                              patch_rope=True, batch_size=batch)
         assert done.summary.deterministic
         files.append(out.read_bytes())
