@@ -197,7 +197,11 @@ def main(argv=None) -> int:
     results = []
 
     def record(workload: str, who: str, samples: list[dict], w: Workload, repeats: int) -> None:
-        m = run_engine(who, model, samples, w, repeats)
+        try:
+            m = run_engine(who, model, samples, w, repeats)
+        except Exception as e:  # a baseline this transformers cannot run: say so, measure the rest
+            print(json.dumps(dict(workload=workload, who=who, error=f"{type(e).__name__}: {e}"[:300])), flush=True)
+            return
         if m is not None:
             tokens = len(samples) * w.branches * w.new
             results.append(dict(workload=workload, who=who, tokens=tokens, samples=len(samples), **m))

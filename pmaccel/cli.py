@@ -1,8 +1,9 @@
 """``pmaccel [flags]`` / ``python -m pmaccel [flags]`` / ``accelerate launch -m pmaccel [flags]``,
 and ``pmaccel score [flags]`` (the same launchers).
 
-A thin entry point: flags -> ``Settings`` -> ``infer`` (or ``score``). A bad input or setting is one
-line on stderr (``pmaccel: error: file:row: field: problem``) and exit status 2.
+A thin entry point: flags -> ``Settings`` -> the job of ``infer`` (or ``score``), in this process.
+A bad input or setting is one line on stderr (``pmaccel: error: file:row: field: problem``) and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["score", "--data_path", "heldout.jsonl", "--out_path", "scores.jsonl"])  # doctest: +SKIP
         0
     """
+    from pmaccel.run import run_job
     from pmaccel.settings import parse_settings
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -42,14 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if scoring:
             settings = parse_settings(argv[1:], prog="pmaccel score", description=SCORE_DESCRIPTION)
-            from pmaccel.scoring import score
+            from pmaccel.scoring import ScoreJob
 
-            records = score(settings)
+            job = ScoreJob()
         else:
             settings = parse_settings(argv)
-            from pmaccel.inference import infer
+            from pmaccel.inference import GenerateJob
 
-            records = infer(settings)
+            job = GenerateJob()
+        records = run_job(settings, job, own_process=False)  # the process ends with the run: nothing to spare
     except PMAccelError as e:
         # under a launcher every rank meets the same input error: the main one says it, once
         if int(os.environ.get("RANK", "0")) == 0:

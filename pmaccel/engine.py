@@ -2,7 +2,8 @@
 
     Engine      what the caller holds: its configuration, the runners it built, ``stats``, ``release()``
     Scheduler   (``Engine.run``) which pending samples enter which free rows, when rows are
-                compacted, how many rows the next steps run over
+                compacted, how many rows the next steps run over; finished samples reach the caller
+                while the device runs the steps queued after them
     Runner      the device side: static buffers for R rows x K lanes x S key slots, the KV memory
                 (``SlotCache``), the step, one CUDA graph per row bucket
 
@@ -402,6 +403,7 @@ class Engine:
         started: dict[int, int] = {}  # row -> the step its sample was admitted at
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
         steps = 0
+        ready: list[Result] = []  # harvested, handed to the caller once the next steps are queued
         while pending or live:
             # admit: fill free rows when enough are free (or nothing runs); prefill in chunks
             if pending and free and (not live or len(free) >= max(1, runner.R // 8) or len(free) >= len(pending)):
@@ -426,17 +428,24 @@ class Engine:
             runner.run_steps(n, count)
             steps += count
             st["steps"] += count
+            if ready:  # the caller handles these (text, output files) while the device runs the queued steps
+                away = time.perf_counter()
+                yield ready
+                ready = []
+                t += time.perf_counter() - away
             alive = runner.state.active[:n].any(1).tolist()
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
                 on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
             done = [r for r in sorted(live) if not alive[r]]
             if done:
-                yield list(self._harvest(runner, done, live, packs))
+                ready = list(self._harvest(runner, done, live, packs))
                 free.extend(done)
                 free.sort(reverse=True)
                 if not pending:
                     st["row_moves"] += _compact(runner, live, free, started)
+        if ready:
+            yield ready
 
     def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], packs) -> Iterator[Result]:
         s = runner.state

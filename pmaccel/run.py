@@ -183,13 +183,18 @@ def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
     return settings_from_kwargs(kwargs, base=settings)
 
 
-def run_job(settings: Settings, job: Job) -> Records | None:
+def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) -> Records | None:
     """Run ``job`` over the rows of ``settings.data_path`` and write its ordered, resumable output.
 
     Every process calls this; see ``pmaccel.inference.infer`` for the launchers. Returns the records on the main
-    process, ``None`` on the others.
+    process, ``None`` on the others. ``own_process``: run in a child process of this one (``None``: when
+    ``spares_cuda`` says so; the CLI, whose process ends with the run, passes ``False``).
     """
     job.check(settings)
+    if own_process is None:
+        own_process = spares_cuda(settings)
+    if own_process:
+        return _run_in_child(settings, job)
     from accelerate.state import AcceleratorState, PartialState
 
     ours = not PartialState._shared_state  # this call creates accelerate's process state
@@ -200,6 +205,65 @@ def run_job(settings: Settings, job: Job) -> Records | None:
             # an in-process run leaves no state behind: a notebook's later notebook_launcher/debug_launcher
             # with several processes would fork children that believe they run alone (and hang)
             AcceleratorState._reset_state(reset_partial_state=True)
+
+
+LAUNCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "FORK_LAUNCHED")  # set by accelerate, torchrun, notebook_launcher
+
+
+def spares_cuda(settings: Settings) -> bool:
+    """Whether a run should keep CUDA out of the calling process: a GPU is there, this process has not used
+    CUDA yet and no launcher started it. CUDA cannot be shut down once started, and a process that has
+    started it can no longer fork GPU workers (``notebook_launcher``); so such a run, typically a notebook's
+    in-process ``infer()``, goes to a child process and the caller can still launch several later."""
+    if settings.device == "cpu" or any(name in os.environ for name in LAUNCHED_ENV):
+        return False
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state:  # inside an Accelerate program already: run where it runs
+        return False
+    import torch
+
+    # device_count asks NVML first, which leaves CUDA itself unstarted (is_available may not)
+    return torch.backends.cuda.is_built() and not torch.cuda.is_initialized() and torch.cuda.device_count() > 0
+
+
+def _run_in_child(settings: Settings, job: Job) -> Records | None:
+    """``run_job`` in a fresh Python process (its output shows as it comes); its records or its error come back."""
+    import pickle
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pmaccel-") as tmp:
+        task, result = Path(tmp, "task.pkl"), Path(tmp, "result.pkl")
+        task.write_bytes(pickle.dumps((settings, job)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        child = subprocess.Popen([sys.executable, "-c", "from pmaccel.run import _child_main; _child_main()",
+                                  str(task), str(result)], env=env)
+        try:
+            status = child.wait()
+        except BaseException:  # an interrupted caller (Ctrl-C, a notebook's stop button) stops the run too
+            child.terminate()
+            child.wait()
+            raise
+        if not result.exists():
+            raise RuntimeError(f"pmaccel's run process ended with exit status {status}; its output is above")
+        ok, value = pickle.loads(result.read_bytes())
+    if not ok:
+        raise value
+    return value
+
+
+def _child_main() -> None:
+    """The child of ``_run_in_child``: run the pickled job, pickle its records or its input error back."""
+    import pickle
+
+    task, result = sys.argv[1:3]
+    settings, job = pickle.loads(Path(task).read_bytes())
+    try:
+        value = (True, run_job(settings, job, own_process=False))
+    except PMAccelError as e:
+        value = (False, e)
+    Path(result).write_bytes(pickle.dumps(value))
 
 
 def _run_job(settings: Settings, job: Job) -> Records | None:

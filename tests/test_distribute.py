@@ -162,6 +162,34 @@ def test_an_in_process_run_then_launched_runs_in_one_python_process(tiny, mixed,
     assert "rank 0 of 3" in proc.stderr, "the launched ranks know they are three"
 
 
+IN_PROCESS_THEN_LAUNCHED_GPU = textwrap.dedent("""
+    import dataclasses, sys
+    import torch
+    from accelerate import notebook_launcher
+    import pmaccel
+    base, data, out = sys.argv[1:]
+    s = pmaccel.Settings(base_model=base, data_path=data, out_path=f"{out}/one.jsonl", branches_per_sample=2,
+                         max_new_tokens=8)
+    records = pmaccel.infer(s)  # in a child process: this one's CUDA stays unstarted...
+    assert len(records) and records.summary.deterministic and not torch.cuda.is_initialized()
+    for n in range(2, min(3, torch.cuda.device_count()) + 1):  # ...so notebook_launcher can still fork GPU ranks
+        notebook_launcher(pmaccel.infer, (dataclasses.replace(s, out_path=f"{out}/{n}.jsonl"),), num_processes=n)
+""")
+
+
+@pytest.mark.gpu
+def test_an_in_process_gpu_run_then_notebook_launcher_on_the_gpus(tiny, mixed, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs or more")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_THEN_LAUNCHED_GPU, str(tiny), str(mixed), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = (tmp_path / "one.jsonl").read_bytes()
+    launched = sorted(tmp_path.glob("[23].jsonl"))
+    assert launched and all(f.read_bytes() == one for f in launched)
+
+
 def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')

@@ -53,3 +53,53 @@ def test_one_record_per_row_in_input_order_at_any_process_count(tiny, tmp_path):
     run(tiny, data, tmp_path / "two.jsonl", processes=2)
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert json.loads((tmp_path / "one.jsonl.summary.json").read_text())["job"] == "lengths"
+
+
+def test_a_run_in_its_own_process_gives_the_same_records_and_errors(tiny, tmp_path):
+    """``run_job(own_process=True)``: what a GPU machine's in-process ``infer()`` does to keep CUDA out of the
+    caller (``spares_cuda``); the records, the file and a bad input's error are those of a run in this process."""
+    import pytest
+
+    from pmaccel.errors import PMAccelError
+    from pmaccel.inference import GenerateJob
+
+    data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS)
+    common = dict(base_model=str(tiny), data_path=str(data), branches_per_sample=2, max_new_tokens=5)
+    here = run_job(run_settings(None, dict(common, out_path=str(tmp_path / "here.jsonl"))), GenerateJob())
+    there = run_job(run_settings(None, dict(common, out_path=str(tmp_path / "there.jsonl"))), GenerateJob(),
+                    own_process=True)
+    assert list(there) == list(here) and there.summary.samples == here.summary.samples
+    assert (tmp_path / "there.jsonl").read_bytes() == (tmp_path / "here.jsonl").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
+    with pytest.raises(PMAccelError) as here_error:
+        run_job(run_settings(None, dict(common, data_path=str(bad), out_path=str(tmp_path / "b1.jsonl"))),
+                GenerateJob())
+    with pytest.raises(PMAccelError) as there_error:
+        run_job(run_settings(None, dict(common, data_path=str(bad), out_path=str(tmp_path / "b2.jsonl"))),
+                GenerateJob(), own_process=True)
+    assert str(there_error.value) == str(here_error.value).replace("b1.jsonl", "b2.jsonl")
+    assert there_error.value.row == 2 and not any(tmp_path.glob("b2.jsonl*"))
+
+
+def test_only_an_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
+    import torch
+
+    from pmaccel.run import LAUNCHED_ENV, spares_cuda
+    from pmaccel.settings import Settings
+
+    for name in LAUNCHED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    gpus, started = [2], [False]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus[0])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: started[0])
+    assert spares_cuda(Settings())
+    assert not spares_cuda(Settings(device="cpu"))
+    started[0] = True  # the caller uses CUDA already: nothing left to spare
+    assert not spares_cuda(Settings())
+    started[0], gpus[0] = False, 0  # no GPU
+    assert not spares_cuda(Settings())
+    gpus[0] = 2
+    monkeypatch.setenv("LOCAL_RANK", "0")  # started by a launcher
+    assert not spares_cuda(Settings())
