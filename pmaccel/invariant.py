@@ -10,6 +10,10 @@ kernels with one fixed reduction order whatever the shapes:
     F.linear          a tiled GEMM with one tiling for every shape (no split-K): each output element
                       sums its K products in the same order whatever M is
     mean(dim=-1)      (RMSNorm) one program per row, the row summed in one fixed tree
+    RMSNorm modules   the same sum, fused with the rest of the norm into one kernel (one launch instead
+                      of ~8 elementwise ones per norm: a decode step is bound by its kernel count), for
+                      every norm module that computes transformers' Llama-style RMSNorm (checked once
+                      per class against the module's own forward)
     attention         per query, over the ordered list of the keys it may see (the mask compacted):
                       the sum runs in fixed blocks of that list, so it depends neither on the other
                       rows nor on where the keys sit in the KV memory (gaps, padding, slot count)
@@ -85,6 +89,24 @@ if triton is not None:
         for start in range(0, n, BLOCK):
             acc += tl.load(x + row * stride + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
         tl.store(out + row, tl.sum(acc, axis=0) / n)
+
+    @triton.jit
+    def _rms_norm_kernel(x, w, out, n, sx, so, eps, BLOCK: tl.constexpr):
+        # transformers' Llama RMSNorm, one row per program: w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype),
+        # the mean summed exactly as _row_mean_kernel sums it
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            v = tl.load(x + row * sx + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
+            acc += v * v
+        r = tl.rsqrt(tl.sum(acc, axis=0) / n + eps)
+        for start in range(0, n, BLOCK):
+            m = start + offs < n
+            v = tl.load(x + row * sx + start + offs, mask=m, other=0.0)
+            y = (v.to(tl.float32) * r).to(v.dtype).to(tl.float32)
+            g = tl.load(w + start + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(out + row * so + start + offs, (g * y).to(out.dtype.element_ty), mask=m)
 
     @triton.jit
     def _row_cumsum_kernel(x, out, n, sx, so, BLOCK: tl.constexpr):
@@ -164,6 +186,59 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
         _row_mean_kernel[(x2.shape[0],)](x2, out, n, x2.stride(0), BLOCK=block, num_warps=4)
     out = out.to(x.dtype).reshape(x.shape[:-1])
     return out.unsqueeze(-1) if keepdim else out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-style RMSNorm over the last dimension in one kernel, one program per row:
+    ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``, in the dtype torch would give."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if x2.shape[0]:
+        block = min(triton.next_power_of_2(n), 4096)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, n, x2.stride(0), out.stride(0), float(eps), BLOCK=block,
+                                         num_warps=4)
+    return out.reshape(x.shape)
+
+
+_FUSABLE_NORMS: dict[type, bool] = {}  # norm class -> its forward is the Llama RMSNorm (checked once)
+
+
+def _fusable_norm(module: Any) -> bool:
+    """Whether ``module`` is an RMSNorm that ``rms_norm`` computes: the right attributes, and on a test input
+    the same values as its class's own forward (Gemma's ``1 + weight``, say, is left alone)."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.ndim != 1
+            or not isinstance(eps, float) or "forward" in vars(module)):
+        return False
+    cls = type(module)
+    if cls not in _FUSABLE_NORMS:
+        x = torch.randn(4, weight.shape[0], generator=torch.Generator(device=weight.device).manual_seed(0),
+                        device=weight.device).to(weight.dtype)
+        try:
+            with torch.no_grad():
+                ref = cls.forward(module, x)
+        except Exception:  # a norm whose forward wants more than a hidden-states tensor
+            ref = None
+        got = rms_norm(x, weight, eps)
+        _FUSABLE_NORMS[cls] = (isinstance(ref, torch.Tensor) and ref.shape == got.shape and ref.dtype == got.dtype
+                               and torch.allclose(ref.float(), got.float(), rtol=1e-2, atol=1e-3))
+    return _FUSABLE_NORMS[cls]
+
+
+@contextlib.contextmanager
+def _fused_norms(model: Any) -> Iterator[None]:
+    """Every fusable RMSNorm of ``model`` runs ``rms_norm`` while the context lasts."""
+    norms = [m for m in model.modules() if _fusable_norm(m)]
+    for m in norms:
+        m.forward = lambda x, m=m: rms_norm(x, m.weight, m.variance_epsilon)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
 
 
 def row_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +353,7 @@ def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
     before = model.config._attn_implementation
     model.set_attn_implementation(INVARIANT_ATTENTION)
     try:
-        with _InvariantOps():
+        with _fused_norms(model), _InvariantOps():
             yield
     finally:
         model.set_attn_implementation(before)

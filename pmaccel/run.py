@@ -211,11 +211,12 @@ LAUNCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "FORK_LAUNCHED")  # set by a
 
 
 def spares_cuda(settings: Settings) -> bool:
-    """Whether a run should keep CUDA out of the calling process: a GPU is there, this process has not used
-    CUDA yet and no launcher started it. CUDA cannot be shut down once started, and a process that has
-    started it can no longer fork GPU workers (``notebook_launcher``); so such a run, typically a notebook's
-    in-process ``infer()``, goes to a child process and the caller can still launch several later."""
-    if settings.device == "cpu" or any(name in os.environ for name in LAUNCHED_ENV):
+    """Whether a run should keep CUDA out of the calling process: an interactive session (a notebook's
+    kernel, a Python prompt), a GPU, CUDA not used yet and no launcher. CUDA cannot be shut down once
+    started, and a process that has started it can no longer fork GPU workers (``notebook_launcher``); so
+    such a run goes to a child process and the session can still launch several later. A script runs
+    in its own process (a child would cost it a second start-up)."""
+    if settings.device == "cpu" or any(name in os.environ for name in LAUNCHED_ENV) or not _interactive():
         return False
     from accelerate.state import PartialState
 
@@ -225,6 +226,14 @@ def spares_cuda(settings: Settings) -> bool:
 
     # device_count asks NVML first, which leaves CUDA itself unstarted (is_available may not)
     return torch.backends.cuda.is_built() and not torch.cuda.is_initialized() and torch.cuda.device_count() > 0
+
+
+def _interactive() -> bool:
+    """A Jupyter/IPython kernel or shell, ``python -i`` or the plain prompt."""
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+        return True
+    return bool(sys.flags.interactive) or hasattr(sys, "ps1")
 
 
 def _run_in_child(settings: Settings, job: Job) -> Records | None:

@@ -95,7 +95,8 @@ class Settings:
     deterministic: bool | None = _opt(
         None, "batch-invariant kernels on CUDA: every sample's tokens and scores are the same at any batch size, "
               "with any companions and at any process count; default: on where Triton is available (CUDA builds "
-              "of torch); CPU runs are batch-invariant in fp32 as they are")
+              "of torch); CPU runs in fp32 decode the same tokens at any batch size as they are (scores: to about "
+              "1e-7, not to the bit)")
     # evaluation
     compare: bool = _opt(
         False, "also decode every sample as independent branches (isolated mask, 2D RoPE off) and report per "

@@ -174,6 +174,7 @@ IN_PROCESS_THEN_LAUNCHED_GPU = textwrap.dedent("""
     assert len(records) and records.summary.deterministic and not torch.cuda.is_initialized()
     for n in range(2, min(3, torch.cuda.device_count()) + 1):  # ...so notebook_launcher can still fork GPU ranks
         notebook_launcher(pmaccel.infer, (dataclasses.replace(s, out_path=f"{out}/{n}.jsonl"),), num_processes=n)
+    open(f"{out}/done", "w").close()
 """)
 
 
@@ -182,9 +183,12 @@ def test_an_in_process_gpu_run_then_notebook_launcher_on_the_gpus(tiny, mixed, t
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs or more")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", IN_PROCESS_THEN_LAUNCHED_GPU, str(tiny), str(mixed), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # `python -i`: an interactive session, as a notebook's kernel is (a script runs in its own process)
+    proc = subprocess.run([sys.executable, "-i", "-c", IN_PROCESS_THEN_LAUNCHED_GPU, str(tiny), str(mixed),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=400,
+                          stdin=subprocess.DEVNULL)
+    # (`python -i` exits 0 after an exception: the script's last line says it got there)
+    assert proc.returncode == 0 and (tmp_path / "done").exists() and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     one = (tmp_path / "one.jsonl").read_bytes()
     launched = sorted(tmp_path.glob("[23].jsonl"))
     assert launched and all(f.read_bytes() == one for f in launched)

@@ -55,6 +55,41 @@ def test_row_mean_is_the_mean_and_per_row():
     assert torch.equal(invariant.row_mean(x[3:4]), got[3:4, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_llama_norm_in_one_kernel_and_per_row(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    dev = _kernel_device()
+    if dev == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter truncates to bf16 where the GPU rounds to nearest")
+    g = torch.Generator().manual_seed(2)
+    norm = LlamaRMSNorm(300, eps=1e-5).to(dev, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(300, generator=g) + 0.5)
+        x = (3 * torch.randn(2, 5, 300, generator=g)).to(dev, dtype)
+        ref = norm(x)
+    got = invariant.rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.allclose(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert torch.equal(invariant.rms_norm(x[1, 2:3], norm.weight, 1e-5), got[1, 2:3])  # bit for bit alone
+
+
+def test_only_llama_style_norms_are_fused_and_only_while_the_context_lasts():
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    dev = _kernel_device()
+    model = torch.nn.Sequential(LlamaRMSNorm(64), Gemma2RMSNorm(64)).to(dev)  # Gemma's is x * (1 + weight)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).to(dev)
+    with torch.no_grad():
+        ref = model(x)
+        with invariant._fused_norms(model):
+            assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+            got = model(x)
+    assert not any("forward" in vars(m) for m in model)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
 def test_attention_depends_only_on_the_keys_a_query_sees():
     """The same query over the same ordered keys: alone in a compact KV memory, or in a batch whose
     memory has the keys at other slots, with gaps and more slots -> the same bits; close to sdpa."""
@@ -91,7 +126,7 @@ def test_key_lists_compact_the_mask_in_slot_order():
 
 
 def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
-    """The flag reaches the engine, and the summary says so (on the CPU the kernels are not needed)."""
+    """The flag reaches the engine, and the summary says so; the CPU's claims (there the kernels are not needed)."""
     from helpers_infer import save_tiny_model
 
     import pmaccel
@@ -103,7 +138,7 @@ def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"main": "once upon a time", "branches": ["a cat", "the dog"]}) + "\n")
     run = lambda out, **kw: pmaccel.infer(base_model=str(model), data_path=str(rows),  # noqa: E731
-                                          out_path=str(tmp_path / out), max_new_tokens=4, **kw)
+                                          out_path=str(tmp_path / out), max_new_tokens=4, device="cpu", **kw)
     plain, det, bf16 = run("a.jsonl"), run("b.jsonl", deterministic=True), run("c.jsonl", dtype="bf16")
     # fp32 on the CPU is batch-invariant as it is (tests/test_engine.py); bf16 on the CPU is not claimed
     assert plain.summary.deterministic and det.summary.deterministic and not bf16.summary.deterministic
@@ -111,7 +146,8 @@ def test_deterministic_is_a_setting_of_every_entry_point(tmp_path):
     assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["deterministic"] is True
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     # scores on the CPU are not claimed: their last bits follow the batch's shape even in fp32
-    scores = pmaccel.score(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "s.jsonl"))
+    scores = pmaccel.score(base_model=str(model), data_path=str(rows), out_path=str(tmp_path / "s.jsonl"),
+                           device="cpu")
     assert not scores.summary.deterministic
 
 

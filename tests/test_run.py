@@ -82,9 +82,10 @@ def test_a_run_in_its_own_process_gives_the_same_records_and_errors(tiny, tmp_pa
     assert there_error.value.row == 2 and not any(tmp_path.glob("b2.jsonl*"))
 
 
-def test_only_an_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
+def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
     import torch
 
+    from pmaccel import run
     from pmaccel.run import LAUNCHED_ENV, spares_cuda
     from pmaccel.settings import Settings
 
@@ -94,6 +95,8 @@ def test_only_an_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a
     gpus, started = [2], [False]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus[0])
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: started[0])
+    assert not spares_cuda(Settings()), "a script (here pytest) runs in its own process"
+    monkeypatch.setattr(run, "_interactive", lambda: True)  # a notebook's kernel, a Python prompt
     assert spares_cuda(Settings())
     assert not spares_cuda(Settings(device="cpu"))
     started[0] = True  # the caller uses CUDA already: nothing left to spare
