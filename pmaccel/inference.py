@@ -41,7 +41,9 @@ def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
 
     Raises:
         PMAccelError: a bad setting or input (file, row and field in the message); nothing is
-            written to ``out_path`` then.
+            written to ``out_path`` then. In processes forked by ``notebook_launcher`` or
+            ``debug_launcher`` the main one prints that message in one line and every one ends with
+            ``SystemExit(2)`` instead, so the launcher reports failed processes, not tracebacks.
 
     Example:
         >>> records = pmaccel.infer(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP

@@ -200,6 +200,15 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
     ours = not PartialState._shared_state  # this call creates accelerate's process state
     try:
         return _run_job(settings, job)
+    except PMAccelError as e:
+        if _forked_rank():
+            # a rank of notebook_launcher/debug_launcher: every rank meets the same input error; the main
+            # one says it in one line and all end with status 2 (the launcher then reports the failed
+            # processes), instead of each rank's traceback relayed by the launcher
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
     finally:
         if ours and PartialState._shared_state and PartialState().num_processes == 1:
             # an in-process run leaves no state behind: a notebook's later notebook_launcher/debug_launcher
@@ -208,6 +217,15 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
 
 
 LAUNCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "FORK_LAUNCHED")  # set by accelerate, torchrun, notebook_launcher
+
+
+def _forked_rank() -> bool:
+    """One of several processes that a launcher forked to run a function (``notebook_launcher``,
+    ``debug_launcher``), not a program started by ``accelerate launch``/``torchrun``."""
+    import multiprocessing
+
+    launched = os.environ.get("FORK_LAUNCHED") == "1" or "TORCHELASTIC_RUN_ID" in os.environ
+    return launched and int(os.environ.get("WORLD_SIZE", "1")) > 1 and multiprocessing.parent_process() is not None
 
 
 def spares_cuda(settings: Settings) -> bool:

@@ -367,7 +367,9 @@ def score(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
         the other processes ``None``.
 
     Raises:
-        PMAccelError: a bad setting or input row (file, row and field in the message).
+        PMAccelError: a bad setting or input row (file, row and field in the message); in processes
+            forked by ``notebook_launcher`` / ``debug_launcher``, one line and ``SystemExit(2)`` (as
+            ``infer``).
 
     Example:
         >>> records = pmaccel.score(data_path="heldout.jsonl", out_path="scores.jsonl")  # doctest: +SKIP

@@ -194,6 +194,35 @@ def test_an_in_process_gpu_run_then_notebook_launcher_on_the_gpus(tiny, mixed, t
     assert launched and all(f.read_bytes() == one for f in launched)
 
 
+BAD_ROW_UNDER_LAUNCHERS = textwrap.dedent("""
+    import sys
+    from accelerate import debug_launcher, notebook_launcher
+    import pmaccel
+    base, data, out = sys.argv[1:]
+    s = pmaccel.Settings(base_model=base, data_path=data, out_path=out)
+    for launch in (notebook_launcher, debug_launcher):
+        try:
+            launch(pmaccel.infer, (s,), num_processes=2)
+        except Exception as e:  # the launcher reports its failed processes
+            status_2 = "exitcode  : 2" in str(e) or "exit code 2" in str(e)
+            print(f"launcher raised {type(e).__name__}{', status 2' if status_2 else ''}", flush=True)
+""")
+
+
+def test_a_bad_row_under_notebook_launcher_is_one_line_and_exit_status_2(tiny, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", BAD_ROW_UNDER_LAUNCHERS, str(tiny), str(data),
+                           str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+    assert errors == [f"pmaccel: error: {data}:2: malformed JSON: Expecting ',' delimiter at column 17"] * 2, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["launcher raised ChildFailedError, status 2",
+                                             "launcher raised ProcessExitedException, status 2"], proc.stdout
+    assert "PMAccelError" not in proc.stderr, "no rank's traceback is relayed"
+    assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
+
+
 def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
