@@ -335,9 +335,10 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
 
     limit = grouping.max_samples or None
     offsets, positions, counts, kinds = array("q", [0]), array("q"), array("q"), array("b")
+    index = np.int32 if len(ntok) < 2**31 else np.int64  # per-sample columns: 4 bytes each where they fit
     if not flat.any() and not bad.any():  # parallel rows only: one sample each
         n = len(ntok) if limit is None else min(limit, len(ntok))
-        offsets, positions = np.arange(n + 1), np.arange(n)
+        offsets, positions = np.arange(n + 1, dtype=index), np.arange(n, dtype=index)
         counts, kinds = ntok[:n], np.zeros(n, dtype=bool)
     else:
         for group, is_flat, load in itertools.islice(_groups(flat.tolist(), ntok.tolist(), bad.tolist(), grouping,
@@ -346,12 +347,12 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
             offsets.append(len(positions))
             counts.append(load)
             kinds.append(is_flat)
-    offsets, positions = np.asarray(offsets, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    offsets, positions = np.asarray(offsets, dtype=index), np.asarray(positions, dtype=index)
     kinds = np.asarray(kinds, dtype=bool)
     counts = np.asarray(counts, dtype=np.int64)
     branches = np.where(kinds, np.diff(offsets), nbr[positions[offsets[:-1]]] if len(positions) else 0)
     samples = SampleTable(path=path, rows=rows, tokens=remapped(tokens), offsets=offsets, positions=positions,
-                          num_tokens=counts, num_branches=branches.astype(np.int64), flat=kinds)
+                          num_tokens=counts.astype(np.int32), num_branches=branches.astype(np.int32), flat=kinds)
     more = []
     if found:
         got = rows.data[found]

@@ -138,8 +138,8 @@ def _glob_escape(name: str) -> str:
 
 class PartResults:
     """Where each finished result lies in the part files this process can see, by ``(sample index, key)``:
-    sorted numpy arrays of (index, key digest, file, byte offset), not results, so memory stays small (about
-    28 bytes a result); ``get`` reads one. Cut lines are skipped.
+    sorted numpy arrays of (index, key digest, file, byte offset), not results, so memory stays small (26
+    bytes a result); ``get`` reads one. Cut lines are skipped.
 
     Example:
         >>> with PartResults(Path("out.jsonl")) as found:  # doctest: +SKIP
@@ -151,7 +151,8 @@ class PartResults:
 
         self.paths = find_part_files(out_path)
         self._files: dict[int, Any] = {}
-        index, key, file, offset = array("q"), array("Q"), array("q"), array("q")
+        columns = {"index": array("q"), "key": array("Q"), "file": array("H"), "offset": array("q")}
+        index, key, file, offset = columns.values()
         for n, path in enumerate(self.paths):
             for at, entry in _read_part_lines(path):
                 digest = _key64(entry["key"])
@@ -160,11 +161,13 @@ class PartResults:
                     key.append(digest)
                     file.append(n)
                     offset.append(at)
-        order = np.argsort(np.frombuffer(index, dtype=np.int64), kind="stable")
-        self._index = np.frombuffer(index, dtype=np.int64)[order]
-        self._key = np.frombuffer(key, dtype=np.uint64)[order]
-        self._file = np.frombuffer(file, dtype=np.int64)[order]
-        self._offset = np.frombuffer(offset, dtype=np.int64)[order]
+        del index, key, file, offset
+        order = np.argsort(np.frombuffer(columns["index"], dtype=np.int64), kind="stable")
+        sorted_columns = {}
+        for name, dtype in (("index", np.int64), ("key", np.uint64), ("file", np.uint16), ("offset", np.int64)):
+            # one column at a time: the unsorted buffer goes as soon as its sorted copy exists
+            sorted_columns[name] = np.frombuffer(columns.pop(name), dtype=dtype)[order]
+        self._index, self._key, self._file, self._offset = sorted_columns.values()
 
     def __len__(self) -> int:
         return len(self._index)
