@@ -465,8 +465,8 @@ class _Share(Sequence):
 
 
 def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys) -> Any:
-    """``[S]`` bool: the finished samples this rank can see in part files (none with ``resume=False``); keys are
-    computed only for the samples found there."""
+    """``[S]`` bool: the finished samples this rank found in part files (none with ``resume=False``); keys are
+    computed only for the samples found there, and split among the processes of a machine."""
     import numpy as np
 
     parts = output.find_part_files(out_path)
@@ -476,6 +476,11 @@ def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: S
         with output.PartResults(out_path) as found:
             present = found.indices()
             present = present[(present >= 0) & (present < len(table))]
+            # the processes of one machine see the same part files: each checks its share of what they hold
+            # (``agree_on_done`` combines the shares; another machine's processes check their own files)
+            local, machine = int(os.environ.get("LOCAL_RANK", "-1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if 0 <= local < machine:  # set together by torchrun, accelerate launch and notebook_launcher
+                present = present[local::machine]
             for start in range(0, len(present), MERGE_CHUNK):
                 samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
                 for s, k in zip(samples, keys.of(samples)):

@@ -130,6 +130,38 @@ def test_accelerate_launch_with_the_cpu_config(tiny, mixed, tmp_path):
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
+def test_accelerate_launch_resumes_what_one_process_left(tiny, mixed, tmp_path, monkeypatch):
+    """Part files of an interrupted one-process run, resumed by two ranks (which split the resume checks)."""
+    import pmaccel.decode
+
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=8)
+    infer(out_path=str(tmp_path / "one.jsonl"), **common)
+    real = pmaccel.decode.decode_stream
+
+    def stop_after_four(*args, **kwargs):
+        for n, item in enumerate(real(*args, **kwargs)):
+            if n == 4:
+                raise RuntimeError("interrupted")
+            yield item
+
+    monkeypatch.setattr(pmaccel.decode, "decode_stream", stop_after_four)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        infer(out_path=str(tmp_path / "two.jsonl"), **common)
+    monkeypatch.undo()
+    flags = [f"--{k}={v}" for k, v in common.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29521", "-m", "pmaccel",
+         *flags, "--out_path", str(tmp_path / "two.jsonl")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "two.jsonl.summary.json").read_text())
+    assert (summary["samples_resumed"], summary["samples_computed"]) == (4, 3)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize("name", ["cpu", "cpu_2proc", "single_gpu", "multi_gpu_8", "multi_node_2x8"])
 def test_shipped_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file

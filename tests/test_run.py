@@ -106,3 +106,41 @@ def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_
     gpus[0] = 2
     monkeypatch.setenv("LOCAL_RANK", "0")  # started by a launcher
     assert not spares_cuda(Settings())
+
+
+def test_the_resume_checks_are_split_among_the_processes_of_a_machine(tmp_path, monkeypatch):
+    """Each process of a machine computes the keys of its share of the results found in the part files (they
+    all see the same files); together, after ``agree_on_done``, they find every one."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pmaccel.output import PartWriter, part_path
+    from pmaccel.run import _resume_state
+    from pmaccel.settings import Settings
+
+    out = tmp_path / "out.jsonl"
+    key = lambda i: f"{i:016x}" * 2  # noqa: E731
+    with PartWriter(part_path(out, 0, 1)) as w:
+        w.append((i, key(i), {"x": i}) for i in (0, 2, 3, 5, 8, 9, 11))
+
+    class Table:  # 12 samples; take() gives what the keys need
+        def __len__(self):
+            return 12
+
+        def take(self, indices, with_ids):
+            return [SimpleNamespace(index=int(i)) for i in indices]
+
+    table = Table()
+    asked: dict[int, list[int]] = {}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    found = np.zeros(12, dtype=bool)
+    for local in range(3):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        ranks = SimpleNamespace(wait_for_everyone=lambda: None)
+        keys = SimpleNamespace(of=lambda samples, local=local: asked.setdefault(local, []).extend(
+            s.index for s in samples) or [key(s.index) for s in samples])
+        found |= _resume_state(Settings(), ranks, out, table, keys)
+    assert sorted(i for got in asked.values() for i in got) == [0, 2, 3, 5, 8, 9, 11]  # each key computed once
+    assert all(len(got) in (2, 3) for got in asked.values())
+    assert np.flatnonzero(found).tolist() == [0, 2, 3, 5, 8, 9, 11]
