@@ -112,19 +112,22 @@ def test_flat_grouping_does_not_depend_on_the_process_count(tiny, tmp_path):
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
+def accelerate_launch_2proc(port: int, *flags: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m pmaccel <flags>``, as a user types it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port), "-m", "pmaccel",
+         *flags], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_accelerate_launch_with_the_cpu_config(tiny, mixed, tmp_path):
     """The real launcher: ``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m pmaccel``."""
     flags = ["--base_model", str(tiny), "--data_path", str(mixed), "--branches_per_sample", "2",
              "--max_new_tokens", "8", "--batch_size", "2"]
     infer(out_path=str(tmp_path / "one.jsonl"), base_model=str(tiny), data_path=str(mixed), branches_per_sample=2,
           max_new_tokens=8, batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29517", "-m", "pmaccel",
-         *flags, "--out_path", str(tmp_path / "two.jsonl")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = accelerate_launch_2proc(29517, *flags, "--out_path", str(tmp_path / "two.jsonl"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pmaccel: 10 rows") == 1, "one summary, from the main process"
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
@@ -149,13 +152,7 @@ def test_accelerate_launch_resumes_what_one_process_left(tiny, mixed, tmp_path, 
         infer(out_path=str(tmp_path / "two.jsonl"), **common)
     monkeypatch.undo()
     flags = [f"--{k}={v}" for k, v in common.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29521", "-m", "pmaccel",
-         *flags, "--out_path", str(tmp_path / "two.jsonl")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = accelerate_launch_2proc(29521, *flags, "--out_path", str(tmp_path / "two.jsonl"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two.jsonl.summary.json").read_text())
     assert (summary["samples_resumed"], summary["samples_computed"]) == (4, 3)
@@ -258,13 +255,8 @@ def test_a_bad_row_under_notebook_launcher_is_one_line_and_exit_status_2(tiny, t
 def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29519", "-m", "pmaccel",
-         "--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = accelerate_launch_2proc(29519, "--base_model", str(tiny), "--data_path", str(data),
+                                   "--out_path", str(tmp_path / "out.jsonl"))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
     assert errors == [f"pmaccel: error: {data}:2: malformed JSON: Expecting ',' delimiter at column 17"], errors
