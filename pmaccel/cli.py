@@ -8,6 +8,7 @@ status 2.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pmaccel.errors import PMAccelError
 
 PREVIEW_RECORDS = 10
+BYTECODE_PROBES = ("torch", "transformers")  # the largest imports of a run
 SCORE_DESCRIPTION = ("Score given continuations under the packed layout (teacher-forced log-likelihood, "
                      "perplexity, multiple choice): the same flags, launchers and ordered, resumable output "
                      "as `pmaccel`. Without --data_path: the shipped easy multiple-choice set.")
@@ -36,6 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["score", "--data_path", "heldout.jsonl", "--out_path", "scores.jsonl"])  # doctest: +SKIP
         0
     """
+    _cache_bytecode()
+    collecting = gc.isenabled()
+    # start-up (imports, weights, rows) makes long-lived objects, hardly any garbage: the run enables the
+    # collector again once everything is loaded, with those objects frozen (run._collect_from_here)
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        if collecting:
+            gc.enable()  # a run that ended early (a bad input) leaves the collector as it found it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from pmaccel.run import run_job
     from pmaccel.settings import parse_settings
 
@@ -61,6 +76,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if records is not None and settings.data_path is None and not scoring:  # the demo: show what came out
         _print_preview(records, settings.out_path)
     return 0
+
+
+def _cache_bytecode() -> None:
+    """Keep the bytecode of what the run imports in pmaccel's cache when Python is told not to write it
+    next to the sources (``PYTHONDONTWRITEBYTECODE``, common in container images) and none is there:
+    otherwise every process compiles torch's and transformers' sources again, seconds each. A
+    ``PYTHONPYCACHEPREFIX`` of the user's own is kept."""
+    if not sys.dont_write_bytecode or sys.pycache_prefix is not None:
+        return
+    import importlib.util
+
+    def compiled(package: str) -> bool:
+        spec = importlib.util.find_spec(package)  # locates a top-level package without importing it
+        return spec is None or not spec.origin or os.path.exists(importlib.util.cache_from_source(spec.origin))
+
+    if all(compiled(package) for package in BYTECODE_PROBES):
+        return  # the bytecode is there already
+    from pmaccel.embedded import cache_root
+
+    sys.pycache_prefix = str(cache_root() / "bytecode")  # Python mirrors each source's path under it
+    sys.dont_write_bytecode = False
 
 
 def _print_preview(records: list[dict], out_path: str) -> None:

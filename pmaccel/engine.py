@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -208,11 +209,18 @@ class Runner:
             for n in buckets:
                 self.step(n)  # warm-up: lazy allocations, cuBLAS handles
         torch.cuda.current_stream().wait_stream(side)
-        for n in sorted(buckets, reverse=True):  # largest first: the others reuse its memory
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.step(n)
-            self.graphs[n] = graph
+        # torch.cuda.graph runs a full garbage collection before each capture; with the objects alive now
+        # frozen (after one collection here) those see only what the captures themselves create
+        gc.collect()
+        gc.freeze()
+        try:
+            for n in sorted(buckets, reverse=True):  # largest first: the others reuse its memory
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.step(n)
+                self.graphs[n] = graph
+        finally:
+            gc.unfreeze()
 
     # ------------------------------------------------------------------ admission
     def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:

@@ -3,6 +3,8 @@ SIGKILL and resumed, and the console script / ``python -m`` on the shipped examp
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -221,3 +223,78 @@ def test_two_runs_on_one_output_take_turns(tiny, tmp_path):
     assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl")) == [
         "out.jsonl", "out.jsonl.summary.json"], "no part or lock file left"
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tmp_path, monkeypatch):
+    """The CLI's start-up (imports, weights, rows) runs with the garbage collector off; once loaded, one
+    collection, then what is alive is frozen and the collector is back on. A bad input leaves it on too."""
+    import gc
+
+    import pmaccel.run
+
+    seen = {}
+    real_load = pmaccel.run._load_model
+
+    def load(*args, **kwargs):
+        seen["while loading"] = gc.isenabled()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pmaccel.run, "_load_model", load)
+    frozen = gc.get_freeze_count()
+    data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
+    out = tmp_path / "out.jsonl"
+    try:
+        assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out),
+                     "--max_new_tokens", "3"]) == 0
+        assert seen == {"while loading": False}
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+        gc.unfreeze()
+        assert main(["--base_model", str(tiny), "--data_path", str(tmp_path / "missing.jsonl"),
+                     "--out_path", str(tmp_path / "bad.jsonl")]) == 2
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    phases = json.loads((tmp_path / "out.jsonl.summary.json").read_text())["phases"][0]
+    assert 0 < phases["start_s"] < 24 * 3600  # the process's age when the run began
+
+
+def _bytecode_probe(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A child that runs the CLI's bytecode set-up with a package of ``tmp_path/src`` as the probe, then
+    imports that package and prints where Python keeps bytecode."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path / "src")!r})
+        import pmaccel.cli as cli
+        cli.BYTECODE_PROBES = ("probe_pkg",)
+        cli._cache_bytecode()
+        import probe_pkg
+        print(sys.pycache_prefix, sys.dont_write_bytecode)
+    """)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
+    package = tmp_path / "src" / "probe_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    env = {**ENV, "PYTHONDONTWRITEBYTECODE": "1", "PMACCEL_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+
+    proc = _bytecode_probe(tmp_path, env)  # no bytecode next to the sources: it goes to the cache
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(tmp_path / "cache" / "bytecode"), "False"]
+    assert list((tmp_path / "cache" / "bytecode").rglob("probe_pkg/__init__.*.pyc"))
+    assert not (package / "__pycache__").exists()
+
+    proc = _bytecode_probe(tmp_path, {**env, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")})  # the user's own
+    assert proc.stdout.split() == [str(tmp_path / "mine"), "True"]  # choice stands, both settings of it
+
+    import py_compile
+
+    py_compile.compile(str(package / "__init__.py"), cfile=importlib.util.cache_from_source(str(package / "__init__.py")))
+    proc = _bytecode_probe(tmp_path, env)  # bytecode next to the sources: nothing changes
+    assert proc.stdout.split() == ["None", "True"]
