@@ -18,6 +18,7 @@ from pmaccel.errors import PMAccelError
 
 PREVIEW_RECORDS = 10
 BYTECODE_PROBES = ("torch", "transformers")  # the largest imports of a run
+BYTECODE_WARMERS = ("import datasets, triton", "import transformers.modeling_utils")  # what a run imports after torch
 SCORE_DESCRIPTION = ("Score given continuations under the packed layout (teacher-forced log-likelihood, "
                      "perplexity, multiple choice): the same flags, launchers and ordered, resumable output "
                      "as `pmaccel`. Without --data_path: the shipped easy multiple-choice set.")
@@ -97,6 +98,23 @@ def _cache_bytecode() -> None:
 
     sys.pycache_prefix = str(cache_root() / "bytecode")  # Python mirrors each source's path under it
     sys.dont_write_bytecode = False
+    if not all(compiled(package) for package in BYTECODE_PROBES):  # nothing cached there yet
+        _warm_bytecode()
+
+
+def _warm_bytecode() -> None:
+    """A first run with an empty bytecode cache: side processes import (so compile and cache) what the run
+    imports after torch, while this process compiles torch. Not on a machine of few cores, and only on the
+    first process of a machine."""
+    if (os.cpu_count() or 1) < 4 or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    import subprocess
+
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
+    for code in BYTECODE_WARMERS:  # each ends by itself; a failed import only leaves less cached
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _print_preview(records: list[dict], out_path: str) -> None:

@@ -262,14 +262,17 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
     assert 0 < phases["start_s"] < 24 * 3600  # the process's age when the run began
 
 
-def _bytecode_probe(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """A child that runs the CLI's bytecode set-up with a package of ``tmp_path/src`` as the probe, then
-    imports that package and prints where Python keeps bytecode."""
+def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
+                    ) -> subprocess.CompletedProcess:
+    """A child that runs the CLI's bytecode set-up with a package of ``tmp_path/src`` as the probe (after
+    ``setup``; by default a machine of too few cores for side processes), then imports that package and
+    prints where Python keeps bytecode."""
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path / "src")!r})
         import pmaccel.cli as cli
         cli.BYTECODE_PROBES = ("probe_pkg",)
+        {setup}
         cli._cache_bytecode()
         import probe_pkg
         print(sys.pycache_prefix, sys.dont_write_bytecode)
@@ -294,6 +297,19 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
     assert proc.stdout.split() == [str(tmp_path / "mine"), "True"]  # choice stands, both settings of it
 
     import py_compile
+
+    # a cold cache on a machine of several cores: side processes compile what the run imports later
+    (tmp_path / "src" / "later_pkg").mkdir()
+    (tmp_path / "src" / "later_pkg" / "__init__.py").write_text("VALUE = 2\n")
+    shutil.rmtree(tmp_path / "cache")
+    warm = {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), env["PYTHONPATH"]])}
+    proc = _bytecode_probe(tmp_path, warm, setup="cli.os.cpu_count = lambda: 8; cli.BYTECODE_WARMERS = ('import later_pkg',)")
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "cache" / "bytecode").rglob("later_pkg/__init__.*.pyc")):
+        assert time.monotonic() < deadline, "no side process compiled later_pkg"
+        time.sleep(0.1)
+    assert not (tmp_path / "src" / "later_pkg" / "__pycache__").exists()
 
     py_compile.compile(str(package / "__init__.py"), cfile=importlib.util.cache_from_source(str(package / "__init__.py")))
     proc = _bytecode_probe(tmp_path, env)  # bytecode next to the sources: nothing changes
