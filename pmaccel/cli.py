@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pmaccel.errors import PMAccelError
 
 PREVIEW_RECORDS = 10
+_FORKS_COLLECT = False  # whether forked children turn the collector back on (registered once)
 BYTECODE_PROBES = ("torch", "transformers")  # the largest imports of a run
 BYTECODE_WARMERS = ("import datasets, triton", "import transformers.modeling_utils")  # what a run imports after torch
 SCORE_DESCRIPTION = ("Score given continuations under the packed layout (teacher-forced log-likelihood, "
@@ -44,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # start-up (imports, weights, rows) makes long-lived objects, hardly any garbage: the run enables the
     # collector again once everything is loaded, with those objects frozen (run._collect_from_here)
     gc.disable()
+    global _FORKS_COLLECT
+    if not _FORKS_COLLECT and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=gc.enable)  # processes forked meanwhile (datasets' map workers)
+        _FORKS_COLLECT = True  # collect as usual
     try:
         return _main(argv)
     finally:

@@ -211,6 +211,7 @@ class Runner:
         torch.cuda.current_stream().wait_stream(side)
         # torch.cuda.graph runs a full garbage collection before each capture; with the objects alive now
         # frozen (after one collection here) those see only what the captures themselves create
+        frozen_before = gc.get_freeze_count()
         gc.collect()
         gc.freeze()
         try:
@@ -220,7 +221,8 @@ class Runner:
                     self.step(n)
                 self.graphs[n] = graph
         finally:
-            gc.unfreeze()
+            if not frozen_before:  # unfreeze() thaws every frozen object: an earlier freeze (the CLI's) stays
+                gc.unfreeze()
 
     # ------------------------------------------------------------------ admission
     def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:

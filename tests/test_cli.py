@@ -240,6 +240,15 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
 
     def load(*args, **kwargs):
         seen["while loading"] = gc.isenabled()
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # a worker forked during start-up (datasets' map) collects as usual
+            os.write(write, b"1" if gc.isenabled() else b"0")
+            os._exit(0)
+        os.waitpid(child, 0)
+        seen["forked child"] = os.read(read, 1) == b"1"
+        os.close(read)
+        os.close(write)
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(pmaccel.run, "_load_model", load)
@@ -249,7 +258,7 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
     try:
         assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out),
                      "--max_new_tokens", "3"]) == 0
-        assert seen == {"while loading": False}
+        assert seen == {"while loading": False, "forked child": True}
         assert gc.isenabled() and gc.get_freeze_count() > frozen
         gc.unfreeze()
         assert main(["--base_model", str(tiny), "--data_path", str(tmp_path / "missing.jsonl"),
