@@ -29,7 +29,9 @@ Reported per run: wall seconds, generated tokens (read from the output file; a b
 its first eos id), tokens/s, speed-up over idiom with the same GPU count (idiom wall / wall), the fraction of
 branch outputs identical to idiom's (all but pmaccel_patch, whose 2D RoPE changes the outputs; bf16 on GPU
 never agrees fully), and per-phase seconds (idiom.py's own; pmaccel's from "phases" in
-<out>.summary.json when it writes them), as the slowest rank's. All figures go to <workdir>/e2e.json.
+<out>.summary.json when it writes them), as the slowest rank's; for pmaccel also the seconds outside every
+rank's own timeline (wall - the slowest rank's start_s + phases: the launcher and the exit). All figures go
+to <workdir>/e2e.json.
 """
 
 from __future__ import annotations
@@ -253,6 +255,7 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
         job.result["gen_tokens"] = sum(sum(r.get("num_generated_tokens") or []) for r in rows)
         job.result["tok_s"] = job.result["gen_tokens"] / wall
     job.result["phases"] = read_phases(job)
+    job.result["outside_ranks_s"] = outside_ranks(wall, job.result["phases"])
     status = job.result.get("error") or f"{job.result['gen_tokens']} tokens"
     print(f"[{job.name}] {wall:.1f} s, {status}", flush=True)
 
@@ -284,6 +287,17 @@ def read_phases(job: Job) -> list[dict] | None:
                 phases = [phases]
             return phases if isinstance(phases, list) else None
     return None
+
+
+TIMELINE = ("start_s", "read_s", "load_s", "tokenize_s", "shard_s", "run_s", "gather_s", "write_s")  # one after another
+
+
+def outside_ranks(wall: float, phases: list[dict] | None) -> float | None:
+    """Seconds of the wall clock outside every rank's own timeline (start_s and the phases after it): the
+    launcher's imports, spawning and shut-down, and the ranks' exit. None without pmaccel's start_s."""
+    if not phases or any("start_s" not in rank for rank in phases):
+        return None
+    return round(wall - max(sum(float(rank.get(k, 0.0)) for k in TIMELINE) for rank in phases), 3)
 
 
 def slowest(phases: list[dict] | None) -> dict[str, float]:
@@ -375,6 +389,8 @@ def table(results: list[dict]) -> str:
             x = r.get("x_idiom")
             agree = r.get("agree")
             phases = " · ".join(f"{k} {v:.2f}" for k, v in slowest(r.get("phases")).items()) or "–"
+            if r.get("outside_ranks_s") is not None:
+                phases += f" · outside the ranks {r['outside_ranks_s']:.2f}"
             cells = [f"{r['wall_s']:.1f}", str(r["gen_tokens"]), f"{r['tok_s']:.0f}",
                      "–" if x is None else f"{x:.2f}", "–" if agree is None else f"{agree:.1%}", phases]
         lines.append("| " + " | ".join([r["run"], str(r["gpus"]), r["cache"], *cells]) + " |")
