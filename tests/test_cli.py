@@ -305,8 +305,6 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
     proc = _bytecode_probe(tmp_path, {**env, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")})  # the user's own
     assert proc.stdout.split() == [str(tmp_path / "mine"), "True"]  # choice stands, both settings of it
 
-    import py_compile
-
     # a cold cache on a machine of several cores: side processes compile what the run imports later
     (tmp_path / "src" / "later_pkg").mkdir()
     (tmp_path / "src" / "later_pkg" / "__init__.py").write_text("VALUE = 2\n")
@@ -320,6 +318,9 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
         time.sleep(0.1)
     assert not (tmp_path / "src" / "later_pkg" / "__pycache__").exists()
 
-    py_compile.compile(str(package / "__init__.py"), cfile=importlib.util.cache_from_source(str(package / "__init__.py")))
+    import py_compile
+
+    source = str(package / "__init__.py")
+    py_compile.compile(source, cfile=importlib.util.cache_from_source(source))
     proc = _bytecode_probe(tmp_path, env)  # bytecode next to the sources: nothing changes
     assert proc.stdout.split() == ["None", "True"]
