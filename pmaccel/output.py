@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from array import array
@@ -146,7 +147,9 @@ class PartResults:
         ...     result = found.get(0, key) if (0, key) in found else None
     """
 
-    def __init__(self, out_path: Path):
+    def __init__(self, out_path: Path, share: tuple[int, int] | None = None):
+        """``share``: ``(k, n)`` keeps the results of the sample indices ``i % n == k`` only; the others'
+        lines are passed over without being parsed."""
         import numpy as np
 
         self.paths = find_part_files(out_path)
@@ -154,7 +157,7 @@ class PartResults:
         columns = {"index": array("q"), "key": array("Q"), "file": array("H"), "offset": array("q")}
         index, key, file, offset = columns.values()
         for n, path in enumerate(self.paths):
-            for at, entry in _read_part_lines(path):
+            for at, entry in _read_part_lines(path, share):
                 digest = _key64(entry["key"])
                 if digest is not None:
                     index.append(entry["index"])
@@ -219,17 +222,24 @@ def _key64(key: str) -> int | None:
         return None
 
 
-def _read_part_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(byte offset, entry)`` of every whole line of a part file."""
+_PART_INDEX = re.compile(rb'\{"index": (\d+), ')  # how PartWriter begins a line
+
+
+def _read_part_lines(path: Path, share: tuple[int, int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, entry)`` of every whole line of a part file (``share``: see ``PartResults``)."""
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
         offset = 0
         for line in f:
             at, offset = offset, offset + len(line)
+            if share is not None:
+                head = _PART_INDEX.match(line)
+                if head is not None and int(head.group(1)) % share[1] != share[0]:
+                    continue  # another process's share: it parses (and checks) this line
             try:
                 entry = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # the last line of a crashed run
-            if _is_part_entry(entry):
+            if _is_part_entry(entry) and (share is None or entry["index"] % share[1] == share[0]):
                 yield at, entry
 
 

@@ -503,14 +503,13 @@ def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: S
     resume = settings.resume if settings.resume is not None else bool(parts)
     done = np.zeros(len(table), dtype=bool)
     if resume:
-        with output.PartResults(out_path) as found:
+        # the processes of one machine see the same part files: each indexes and checks its share of what they
+        # hold (``agree_on_done`` combines the shares; another machine's processes check their own files)
+        local, machine = int(os.environ.get("LOCAL_RANK", "-1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = (local, machine) if 0 <= local < machine else None  # set together by the launchers
+        with output.PartResults(out_path, share=share) as found:
             present = found.indices()
             present = present[(present >= 0) & (present < len(table))]
-            # the processes of one machine see the same part files: each checks its share of what they hold
-            # (``agree_on_done`` combines the shares; another machine's processes check their own files)
-            local, machine = int(os.environ.get("LOCAL_RANK", "-1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if 0 <= local < machine:  # set together by torchrun, accelerate launch and notebook_launcher
-                present = present[local::machine]
             for start in range(0, len(present), MERGE_CHUNK):
                 samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
                 for s, k in zip(samples, keys.of(samples)):

@@ -42,6 +42,25 @@ def test_a_line_cut_by_a_crash_is_ignored_and_sealed(tmp_path):
         assert found.get(1, K) == {"a": 2} and found.get(0, K) == {"a": 1}
 
 
+def test_a_share_indexes_only_its_sample_indices(tmp_path):
+    """``share=(k, n)``: the results of indices i % n == k; the other lines are not even parsed (another
+    process checks them), and a cut line of its own share is still ignored."""
+    out = tmp_path / "out.jsonl"
+    part = part_path(out, 0, 1)
+    with PartWriter(part) as w:
+        w.append([(i, K, {"a": i}) for i in range(7)])
+    with open(part, "ab") as f:
+        f.write(b'{"index": 8, "key": "' + K.encode() + b'", "result": {"a": [1, 2\n')  # cut, another share
+        f.write(b'{"index": 9, "key": "' + K.encode() + b'", "result": {"a": [1, 2\n')  # cut, this share
+    with PartResults(out, share=(0, 3)) as found:
+        assert found.indices().tolist() == [0, 3, 6]
+        assert [found.get(i, K)["a"] for i in (0, 3, 6)] == [0, 3, 6] and (1, K) not in found
+    with PartResults(out, share=(2, 3)) as found:
+        assert found.indices().tolist() == [2, 5]
+    with PartResults(out) as found:  # the whole: every whole line
+        assert found.indices().tolist() == list(range(7))
+
+
 def test_write_jsonl_replaces_the_file_only_when_complete(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("old\n")
