@@ -181,20 +181,36 @@ class PartResults:
 
         return np.unique(self._index)
 
-    def _find(self, index: int, key: str) -> int | None:
+    def locate(self, indices: Sequence[int], keys: Sequence[str]) -> Any:
+        """Per ``(indices[j], keys[j])``, the position of its result for ``read`` (-1: none), for a whole
+        chunk at once (numpy int64 array)."""
         import numpy as np
 
-        digest = _key64(key)
+        index = np.asarray(indices, dtype=np.int64)
+        digests = [_key64(k) for k in keys]
+        digest = np.array([0 if d is None else d for d in digests], dtype=np.uint64)
         lo, hi = np.searchsorted(self._index, index, "left"), np.searchsorted(self._index, index, "right")
-        return next((e for e in range(int(lo), int(hi)) if int(self._key[e]) == digest), None)
+        out = np.full(len(index), -1, dtype=np.int64)
+        has = (hi > lo) & np.array([d is not None for d in digests], dtype=bool)
+        if not has.any():
+            return out
+        hit = has & (self._key[np.where(has, lo, 0)] == digest)  # usually one result per index: the first
+        out[hit] = lo[hit]
+        for j in np.flatnonzero(has & ~hit & (hi - lo > 1)):  # several keys for one index (other settings)
+            out[j] = next((e for e in range(int(lo[j]) + 1, int(hi[j])) if self._key[e] == digest[j]), -1)
+        return out
 
     def __contains__(self, index_key: tuple[int, str]) -> bool:
-        return self._find(*index_key) is not None
+        return bool(self.locate([index_key[0]], [index_key[1]])[0] >= 0)
 
     def get(self, index: int, key: str) -> dict[str, Any]:
-        e = self._find(index, key)
-        if e is None:
+        e = int(self.locate([index], [key])[0])
+        if e < 0:
             raise KeyError((index, key))
+        return self.read(e)
+
+    def read(self, e: int) -> dict[str, Any]:
+        """The result at position ``e`` (from ``locate``)."""
         n = int(self._file[e])
         if n not in self._files:
             self._files[n] = open(self.paths[n], "rb")  # noqa: SIM115 (closed by close())

@@ -512,8 +512,8 @@ def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: S
             present = present[(present >= 0) & (present < len(table))]
             for start in range(0, len(present), MERGE_CHUNK):
                 samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
-                for s, k in zip(samples, keys.of(samples)):
-                    done[s.index] = (s.index, k) in found
+                indices = [s.index for s in samples]
+                done[indices] = found.locate(indices, keys.of(samples)) >= 0
     else:
         output.remove_part_files(parts)
     accelerator.wait_for_everyone()  # no rank deletes a part file another has opened
@@ -578,16 +578,16 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
             for start in range(0, len(table), MERGE_CHUNK):
                 rows: dict[int, Row] = {}
                 samples = table.take(range(start, min(start + MERGE_CHUNK, len(table))), rows, with_ids=False)
-                chunk_keys = keys.of(samples)
-                missing = [s.index for s, k in zip(samples, chunk_keys) if (s.index, k) not in found]
+                where = found.locate([s.index for s in samples], keys.of(samples))
+                missing = [s.index for s, e in zip(samples, where) if e < 0]
                 sent: dict[int, dict] = {}
                 if world > 1:
                     distribute.broadcast_from_main(accelerator, missing)
                     for part in (distribute.gather_to_main(accelerator, {}) if missing else None) or []:
                         sent.update(part)
-                for s, k in zip(samples, chunk_keys):
-                    assert s.index in sent or (s.index, k) in found, f"sample {s.index} has no result"
-                    yield s, rows, sent[s.index] if s.index in sent else found.get(s.index, k)
+                for s, e in zip(samples, where):
+                    assert s.index in sent or e >= 0, f"sample {s.index} has no result"
+                    yield s, rows, sent[s.index] if e < 0 else found.read(int(e))
         finally:
             if world > 1:
                 distribute.broadcast_from_main(accelerator, None)  # the other ranks stop answering
@@ -628,7 +628,8 @@ def _serve_results(accelerator: Any, out_path: Path, table: SampleTable, keys: _
             if not asked:
                 continue
             samples = table.take(asked, with_ids=False)
-            mine = {s.index: own.get(s.index, k) for s, k in zip(samples, keys.of(samples)) if (s.index, k) in own}
+            where = own.locate([s.index for s in samples], keys.of(samples))
+            mine = {s.index: own.read(int(e)) for s, e in zip(samples, where) if e >= 0}
             distribute.gather_to_main(accelerator, mine)
 
 

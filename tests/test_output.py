@@ -27,6 +27,27 @@ def test_part_files_of_any_world_size_are_found_by_index_and_key(tmp_path):
         assert (1, OTHER) in found and (2, OTHER) not in found and (7, K) not in found
 
 
+def test_locate_finds_a_chunk_of_results_at_once(tmp_path):
+    """``locate`` over a chunk agrees with looking each (index, key) up alone, with several keys for one index,
+    keys that are not ours and indices past the end; ``read`` gives the result."""
+    import random
+
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(0)
+    keys = [f"{rng.getrandbits(128):032x}" for _ in range(3)]
+    written = {(i, k): {"a": i, "k": k} for i in range(0, 60, 2) for k in rng.sample(keys, rng.randint(1, 3))}
+    with PartWriter(part_path(out, 0, 2)) as w:
+        w.append((i, k, r) for (i, k), r in written.items() if i % 3)
+    with PartWriter(part_path(out, 1, 2)) as w:
+        w.append((i, k, r) for (i, k), r in written.items() if not i % 3)
+    asked = [(i, k) for i in range(-1, 65) for k in [*keys, "not-hex"]]
+    with PartResults(out) as found:
+        where = found.locate([i for i, _ in asked], [k for _, k in asked])
+        assert [e >= 0 for e in where] == [(i, k) in written for i, k in asked]
+        assert all(found.read(int(e)) == written[ik] for ik, e in zip(asked, where) if e >= 0)
+        assert found.locate([], []).tolist() == []
+
+
 def test_a_line_cut_by_a_crash_is_ignored_and_sealed(tmp_path):
     out = tmp_path / "out.jsonl"
     part = part_path(out, 0, 1)
