@@ -197,7 +197,7 @@ def _piece_ids(rows: Sequence[Row], tokenizer: Any) -> list[list[list[int]]]:
                 texts.append(text)
         slots.append(per_row)
     ids = _batch_ids(tokenizer, texts) if texts else []
-    return [[list(ids[x]) if isinstance(x, int) else x for x in per_row] for per_row in slots]
+    return [[ids[x] if isinstance(x, int) else x for x in per_row] for per_row in slots]  # each list used once
 
 
 def _batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
