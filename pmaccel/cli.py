@@ -101,7 +101,12 @@ def _cache_bytecode() -> None:
         return  # the bytecode is there already
     from pmaccel.embedded import cache_root
 
-    sys.pycache_prefix = str(cache_root() / "bytecode")  # Python mirrors each source's path under it
+    prefix = cache_root() / "bytecode"
+    try:
+        prefix.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # nowhere to keep it (a read-only home): as before, every process compiles
+    sys.pycache_prefix = str(prefix)  # Python mirrors each source's path under it
     sys.dont_write_bytecode = False
     if not all(compiled(package) for package in BYTECODE_PROBES):  # nothing cached there yet
         _warm_bytecode()

@@ -302,6 +302,11 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
     assert list((tmp_path / "cache" / "bytecode").rglob("probe_pkg/__init__.*.pyc"))
     assert not (package / "__pycache__").exists()
 
+    (tmp_path / "file").write_text("")  # a cache that cannot be created: nothing changes
+    proc = _bytecode_probe(tmp_path, {**env, "PMACCEL_CACHE": str(tmp_path / "file" / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "True"]
+
     proc = _bytecode_probe(tmp_path, {**env, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")})  # the user's own
     assert proc.stdout.split() == [str(tmp_path / "mine"), "True"]  # choice stands, both settings of it
 
