@@ -8,11 +8,12 @@ status 2.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pmaccel.errors import PMAccelError
 
@@ -40,20 +41,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["score", "--data_path", "heldout.jsonl", "--out_path", "scores.jsonl"])  # doctest: +SKIP
         0
     """
+    with startup():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def startup() -> Iterator[None]:
+    """A process's start-up as a run's own process (the command, or one a launch started): bytecode kept in
+    pmaccel's cache where Python writes none, and no garbage collection while imports, weights and rows
+    load (the run turns the collector on again, with those objects frozen: ``run._collect_from_here``).
+    Afterwards the collector is as it was (a run that ended early, on a bad input)."""
     _cache_bytecode()
     collecting = gc.isenabled()
-    # start-up (imports, weights, rows) makes long-lived objects, hardly any garbage: the run enables the
-    # collector again once everything is loaded, with those objects frozen (run._collect_from_here)
+    # start-up makes long-lived objects, hardly any garbage
     gc.disable()
     global _FORKS_COLLECT
     if not _FORKS_COLLECT and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=gc.enable)  # processes forked meanwhile (datasets' map workers)
         _FORKS_COLLECT = True  # collect as usual
     try:
-        return _main(argv)
+        yield
     finally:
         if collecting:
-            gc.enable()  # a run that ended early (a bad input) leaves the collector as it found it
+            gc.enable()
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -188,10 +188,15 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
     """Run ``job`` over the rows of ``settings.data_path`` and write its ordered, resumable output.
 
     Every process calls this; see ``pmaccel.inference.infer`` for the launchers. Returns the records on the main
-    process, ``None`` on the others. ``own_process``: run in a child process of this one (``None``: when
+    process, ``None`` on the others. With ``settings.num_processes`` > 1 and no launcher, the processes are
+    started here (``pmaccel.launch``) and this returns the records once they are done. ``own_process``: run in a child process of this one (``None``: when
     ``spares_cuda`` says so; the CLI, whose process ends with the run, passes ``False``).
     """
     job.check(settings)
+    from pmaccel import launch
+
+    if launch.check_process_count(settings):
+        return launch.run_processes(settings, job)
     if own_process is None:
         own_process = spares_cuda(settings)
     if own_process:

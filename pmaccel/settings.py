@@ -52,6 +52,10 @@ class Settings:
     device: str = _opt(
         "auto", "device (cpu, cuda, cuda:1, ...); auto = the device Accelerate gives this process",
         result=False)
+    num_processes: int = _opt(
+        1, "processes to start on this machine, one per GPU (as accelerate launch --multi_gpu --num_processes "
+           "N -m pmaccel, without the accelerate command's start-up); under a launcher its own count applies",
+        result=False)
     # data
     data_path: str | None = _opt(
         None, "input rows: .jsonl/.json/.parquet/.csv/.arrow file or a save_to_disk dataset directory; "
@@ -157,6 +161,7 @@ def _check_ranges(s: Settings) -> None:
          f"{s.min_branches_per_sample}")
     need(s.max_total_tokens >= 0, "max_total_tokens", "0 (none) or more")
     need(s.num_workers >= 0, "num_workers", "0 or more")
+    need(s.num_processes >= 1, "num_processes", "at least 1")
     need(s.batch_size >= 0, "batch_size", "0 (automatic) or more")
     need(s.branch_stride >= 1, "branch_stride", "at least 1")
     need(s.max_new_tokens >= 1, "max_new_tokens", "at least 1")

@@ -1,0 +1,131 @@
+"""``--num_processes N``: a run that starts its own processes on this machine, one per GPU.
+
+``pmaccel --num_processes 2 [flags]`` (or ``infer(..., num_processes=2)``) does what
+``accelerate launch --multi_gpu --num_processes 2 -m pmaccel [flags]`` does, through the same launcher
+(``accelerate.commands.launch``, which starts the processes with ``torch.distributed.run``), called from
+this process: the ``accelerate`` command's own start-up (every subcommand's imports, transformers
+among them) is not paid, and an input error is one line and exit status 2, not a launcher's
+traceback. The processes each run the same job as a launched ``pmaccel`` would; the ordered output
+file is the same at any process count. Under a launcher (``accelerate launch``, ``torchrun``,
+``notebook_launcher``) the launcher's own process count applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pmaccel.errors import PMAccelError
+
+LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run")  # each failed process, on stderr
+
+
+def launched() -> bool:
+    """Whether this process is one of several that a launcher started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def check_process_count(settings: Any) -> bool:
+    """Whether this run must start its own processes (``num_processes`` > 1 and no launcher).
+
+    Raises:
+        PMAccelError: ``num_processes`` disagrees with the launcher's count, or asks for more GPUs than
+            this machine has.
+    """
+    n = settings.num_processes
+    if launched() or "LOCAL_RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if n not in (1, world):
+            raise PMAccelError(f"{n} asked for, but the launcher started {world} processes: give the count to "
+                               "the launcher only", field="num_processes")
+        return False
+    if n == 1:
+        return False
+    if settings.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()  # asks NVML: CUDA itself stays unstarted in this process
+        if gpus and n > gpus:
+            raise PMAccelError(f"{n} processes, one per GPU, but this machine has {gpus}: use at most {gpus} "
+                               "(or --device cpu)", field="num_processes")
+    return True
+
+
+def run_processes(settings: Any, job: Any) -> Any:
+    """Run ``job`` in ``settings.num_processes`` processes started here; wait for them.
+
+    Returns the records of the output file (as the main process of a launched run returns them).
+
+    Raises:
+        PMAccelError: the input error every process met (said once, here).
+        RuntimeError: a process failed otherwise (its traceback is in the output above).
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from pmaccel.output import summary_path
+    from pmaccel.run import Records, Summary
+
+    n = settings.num_processes
+    with tempfile.TemporaryDirectory(prefix="pmaccel-launch-") as tmp:
+        task, error = Path(tmp, "task.pkl"), Path(tmp, "error.pkl")
+        task.write_bytes(pickle.dumps((settings, job)))
+        flags = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                 "-m", "pmaccel.launch", str(task), str(error)]
+        args = launch_command_parser().parse_args(flags)
+        levels = {name: logging.getLogger(name).level for name in LAUNCHER_LOGGERS}
+        for name in LAUNCHER_LOGGERS:  # a failed process says why itself; the launcher's report repeats it
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            launch_command(args)
+        except ChildFailedError as e:
+            if error.exists():
+                raise pickle.loads(error.read_bytes()) from None
+            codes = sorted({failure.exitcode for failure in e.failures.values()})
+            raise RuntimeError(f"{len(e.failures)} of {n} pmaccel processes failed (exit status "
+                               f"{', '.join(map(str, codes))}); their output is above") from None
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+    records = Records(settings.out_path)
+    fields = {f.name for f in dataclasses.fields(Summary)}
+    summary = json.loads(summary_path(Path(settings.out_path)).read_text())
+    records.summary = Summary(**{k: v for k, v in summary.items() if k in fields})
+    return records
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (for the processes' rendezvous; accelerate's default may be taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(task: str, error: str) -> int:
+    """One started process: the pickled job, with the command's start-up; an input error goes back to
+    the starting process (which says it once), from the main process."""
+    from pmaccel.cli import startup
+    from pmaccel.run import run_job
+
+    with startup():
+        settings, job = pickle.loads(Path(task).read_bytes())  # imports the job's modules: after start-up began
+        try:
+            run_job(settings, job, own_process=False)
+        except PMAccelError as e:
+            if int(os.environ.get("RANK", "0")) == 0:
+                Path(error).write_bytes(pickle.dumps(e))
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_rank_main(*sys.argv[1:3]))

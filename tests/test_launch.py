@@ -1,0 +1,88 @@
+"""``--num_processes N``: a run that starts its own processes (accelerate's launcher, called from the run):
+the same file as one process, one line for an input error, and the counts it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pmaccel import launch
+from pmaccel.errors import PMAccelError
+from pmaccel.inference import infer
+from pmaccel.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pmaccel_cli(*flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "pmaccel", *flags], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_started_processes_write_the_file_of_one(tiny, mixed, tmp_path):
+    common = ["--base_model", str(tiny), "--data_path", str(mixed), "--branches_per_sample", "2",
+              "--max_new_tokens", "8", "--device", "cpu"]
+    one = pmaccel_cli(*common, "--out_path", str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = pmaccel_cli(*common, "--num_processes", "2", "--out_path", str(tmp_path / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert two.stdout.count("pmaccel: 10 rows") == 1, "one summary, from the main process"
+    summary = json.loads((tmp_path / "two.jsonl.summary.json").read_text())
+    assert len(summary["phases"]) == 2, "two processes did the work"
+    assert [p["samples"] for p in summary["phases"]] != [0, 0]
+    assert not list(tmp_path.glob("two.jsonl.part-*")), "no part file left behind"
+
+
+def test_an_input_error_is_one_line_from_started_processes(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"main": "a", "branches": ["b"]}\n{"main": "a", "branches": 3}\n')
+    out = tmp_path / "out.jsonl"
+    proc = pmaccel_cli("--base_model", str(tiny), "--data_path", str(bad), "--out_path", str(out),
+                       "--max_new_tokens", "2", "--device", "cpu", "--num_processes", "2")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pmaccel: error: ") and "bad.jsonl:2" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_infer_starts_the_processes_and_returns_the_records(tiny, mixed, tmp_path, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the started processes import this checkout
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=6,
+                  temperature=1.0, seed=3, device="cpu")
+    alone = infer(out_path=str(tmp_path / "one.jsonl"), **common)
+    started = infer(out_path=str(tmp_path / "two.jsonl"), num_processes=2, **common)
+    assert started == alone
+    assert started.summary.samples == alone.summary.samples and len(started.summary.phases) == 2
+
+
+def test_process_counts_refused(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(PMAccelError, match="num_processes: must be at least 1"):
+        Settings(num_processes=0)
+    assert launch.check_process_count(Settings()) is False
+    assert launch.check_process_count(Settings(num_processes=3, device="cpu")) is True
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(PMAccelError, match="this machine has 2"):
+        launch.check_process_count(Settings(num_processes=4))
+    # under a launcher its own count applies; another count is an error, not a second launch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launch.check_process_count(Settings(num_processes=2)) is False
+    with pytest.raises(PMAccelError, match="launcher started 2"):
+        launch.check_process_count(Settings(num_processes=4))
+
