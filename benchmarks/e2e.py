@@ -21,7 +21,8 @@ run: every run is a fresh subprocess (wall clock around it, logs in <workdir>/lo
     pmaccel_patch  the same with --patch_rope (2D RoPE, columnar mask)
     pmaccel_det, pmaccel_patch_det   the same two with --deterministic (batch-invariant kernels)
     One GPU: plain `python` / `pmaccel`; N > 1: `accelerate launch --multi_gpu --num_processes N`
-    (--launcher torchrun: `torchrun --nproc_per_node N`).
+    (--launcher torchrun: `torchrun --nproc_per_node N`; --launcher pmaccel: `pmaccel --num_processes N`,
+    the runs of idiom.py then under accelerate launch).
     Runs named in --twice (default static, pmaccel, pmaccel_patch) run twice: "first" with empty compile
     caches (HOME, XDG_CACHE_HOME, PMACCEL_CACHE, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR point at a fresh
     directory of the workdir; HF_HUB_OFFLINE=1), then "repeat" with those caches warm. Every other run gets
@@ -182,8 +183,12 @@ def command(run: str, gpus: int, out: Path, args: argparse.Namespace) -> list[st
             "--out", str(out), "--max_new_tokens", str(args.max_new_tokens), "--mode", IDIOM_MODES[run],
             "--dtype", resolved_dtype(args), "--device", args.device, "--batch_size", str(args.batch_size)]
     script = shutil.which("pmaccel", path=str(BIN)) or shutil.which("pmaccel")
-    entry = ([script] if script else [sys.executable, "-m", "pmaccel"]) if gpus == 1 else ["-m", "pmaccel"]
-    cmd = launcher(gpus, args.launcher) + entry + [
+    alone = [script] if script else [sys.executable, "-m", "pmaccel"]
+    if args.launcher == "pmaccel":  # the run starts its own processes
+        entry = alone + (["--num_processes", str(gpus)] if gpus > 1 else [])
+    else:
+        entry = launcher(gpus, args.launcher) + (alone if gpus == 1 else ["-m", "pmaccel"])
+    cmd = entry + [
         "--base_model", str(work / "model"), "--data_path", str(work / "rows.jsonl"), "--out_path", str(out),
         "--max_new_tokens", str(args.max_new_tokens), "--dtype", resolved_dtype(args)]
     if args.device != "auto":
@@ -411,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="prepare again even if the workdir matches")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
-    ap.add_argument("--launcher", choices=("accelerate", "torchrun"), default="accelerate",
-                    help="what starts several processes (one runs without a launcher)")
+    ap.add_argument("--launcher", choices=("accelerate", "torchrun", "pmaccel"), default="accelerate",
+                    help="what starts several processes (one runs without a launcher; pmaccel: "
+                         "pmaccel --num_processes N)")
     ap.add_argument("--twice", default="static,pmaccel,pmaccel_patch",
                     help="runs done twice: empty compile caches, then warm ones")
     ap.add_argument("--gpus", default="1", help="comma list of process counts (1 = no accelerate launch)")

@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --model 0.5b --workload W1
     python benchmarks/profile_step.py --e2e_dir /tmp/pmaccel-e2e   # the rows and model benchmarks/e2e.py wrote
 
-With ``--e2e_dir`` the engine first decodes those rows twice (the second run warm) and prints its phases.
+With ``--e2e_dir`` the engine first decodes those rows twice (the second run warm) and prints its phases;
+``--prefill`` then times and profiles the admission of a pool's worth of those rows (prefill forwards only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--e2e_dir", default=None, help="profile the model and rows.jsonl of a benchmarks/e2e.py workdir")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="with --e2e_dir")
     ap.add_argument("--no_deterministic", action="store_true", help="the default kernels, not the invariant ones")
+    ap.add_argument("--prefill", action="store_true", help="with --e2e_dir: profile prefill, not the step")
     args = ap.parse_args()
     deterministic = False if args.no_deterministic else None
     if args.e2e_dir:
@@ -58,6 +60,9 @@ def main() -> None:
         engine = Engine(model, EngineConfig(max_rows=len(samples), deterministic=deterministic))
         pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
     runner = engine.runner  # kept after the run: its pool is empty, so a step costs what a full one does
+    if args.e2e_dir and args.prefill:
+        profile_prefill(args, engine, tok, rows)
+        return
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for n in sorted(runner.graphs, reverse=True):
         runner.run_steps(n, 3)
@@ -85,6 +90,45 @@ def main() -> None:
     print(f"kernels: {total / 5e3:.3f} ms/step in all")
     for e in events[: args.rows]:
         print(f"  {e.self_device_time_total / 5e3:7.3f} ms/step {e.count // 5:5d}x  {e.key[:90]}")
+
+
+def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[dict]) -> None:
+    """Admit a full pool of rows (the engine's own chunks), timed with the device, then once under the profiler."""
+    from pmaccel.engine import _prefill_chunks
+    from pmaccel.request import Layout, pack_request
+
+    runner, cfg = engine.runner, engine.config
+    packs = [pack_request(r, tok, Layout.of({}), i)[1] for i, r in enumerate(rows[: runner.R])]
+    packs = [p for p in packs if len(p.branch_ids) <= runner.K]
+    take = list(enumerate(range(len(packs))))
+    chunks = list(_prefill_chunks(take, packs, cfg.prefill_tokens))
+    tokens = sum(p.num_tokens for p in packs)
+    pad = tok.pad_token_id or 0
+
+    def admit() -> None:
+        for chunk in chunks:
+            rows_, pos = [r for r, _ in chunk], [i for _, i in chunk]
+            runner.prefill([packs[i] for i in pos], rows_, pos, pad)
+        runner.clear_row(slice(None))
+
+    with torch.inference_mode(), engine.attention():
+        admit()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        admit()
+        host = time.perf_counter() - t
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        print(f"prefill: {len(packs)} samples, {tokens} prompt tokens, {len(chunks)} forwards: {wall:.3f} s "
+              f"({tokens / wall:,.0f} tok/s; host done after {host:.3f} s)")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            admit()
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"prefill kernels: {total / 1e6:.3f} s in all")
+    for e in events[: args.rows]:
+        print(f"  {e.self_device_time_total / 1e6:7.3f} s {e.count:6d}x  {e.key[:90]}")
 
 
 if __name__ == "__main__":
