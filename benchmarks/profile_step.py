@@ -121,6 +121,20 @@ def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[di
         wall = time.perf_counter() - t
         print(f"prefill: {len(packs)} samples, {tokens} prompt tokens, {len(chunks)} forwards: {wall:.3f} s "
               f"({tokens / wall:,.0f} tok/s; host done after {host:.3f} s)")
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # what in a prefill waits for the device
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for chunk in chunks[:1]:
+                    runner.prefill([packs[i] for _, i in chunk], [r for r, _ in chunk], [i for _, i in chunk], pad)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            runner.clear_row(slice(None))
+        syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}" for w in caught
+                 if "synchroniz" in str(w.message)]
+        print(f"prefill forward: {len(syncs)} host syncs" + "".join(f"\n  {m}" for m in syncs[:5]))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             admit()
             torch.cuda.synchronize()
