@@ -36,7 +36,6 @@ from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
 
 FINISH_REASONS = {1: "stop", 2: "length"}
 SLOT_ROUND = 64  # S is rounded up to a multiple of this
-GRAPH_MIN_LANES = 64  # the smallest graphed step covers at least this many lanes
 PREFILL_LANES = 1024  # most branches in one prefill forward (bounds its [E, V] logits)
 
 
@@ -178,8 +177,6 @@ class Runner:
         self.is_stop = torch.zeros(V, dtype=torch.bool, device=device)
         self.is_stop[[i for i in opts.stop_ids if 0 <= i < V]] = True
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows -> the captured step
-        # graphed, a step over fewer lanes than GRAPH_MIN_LANES costs the same (launch-bound): no graph below
-        self.smallest = -(-GRAPH_MIN_LANES // K) if graphs else 1
         self.pool = torch.cuda.graph_pool_handle() if graphs else None  # one memory pool for every graph
 
     # ------------------------------------------------------------------ the step (capturable)
@@ -229,24 +226,29 @@ class Runner:
 
     # ------------------------------------------------------------------ admission
     def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:
-        """Run the packed prompts of new samples into ``rows`` and set their lanes running.
-
-        Every input is built on the host first and reaches the device by asynchronous copies (pinned
-        memory): nothing here waits for the device, so with steps queued before it the host builds this
-        forward while the device runs them."""
+        """Run the packed prompts of new samples into ``rows`` and set their lanes running."""
         s, dev, K, G = self.state, self.state.index.device, self.K, self.opts.max_new_tokens
         batch = collate(packs, pad_id)
         n = batch.input_ids.shape[1]
-        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d)  # [B, N(, 3)]
+        r = torch.tensor(rows, device=dev)
+        meta = TokenMeta(*(t.to(dev) for t in batch.meta.astuple()))
+        for dst, src, empty in zip(s.keys.astuple(), meta.astuple(), (0, -1, False, False)):
+            dst[r] = empty
+            dst[r, :n] = src
+        self.cache.prefill(r, n)
+        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d).to(dev)  # [B, N(, 3)]
+        slots = torch.arange(n, device=dev).expand(len(packs), n)  # [B, N]: a prompt token's own slot
         # logits only where a branch continues: E = every branch's last prompt token
-        b_idx = torch.tensor([b for b, p in enumerate(packs) for _ in p.last_index])
-        cols = torch.tensor([c for p in packs for c in p.last_index])
-        k_idx = torch.tensor([k for p in packs for k in range(len(p.branch_ids))])
-        # per lane: [B, K] on the host
+        b_idx = [b for b, p in enumerate(packs) for _ in p.last_index]
+        cols = [c for p in packs for c in p.last_index]
+        select = (torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev))
+        logits = self.call(batch.input_ids.to(dev), positions, meta, meta, slots, self.cache, select=select)  # [E, V]
+        # per lane: [B, K] on the host, then one copy each
         lane = lambda fill: torch.full((len(packs), K), fill, dtype=torch.long)  # noqa: E731
         bid, bpos, ltime, base, hlen = lane(-1), lane(0), lane(0), lane(self.S - 1), lane(0)
         active = torch.zeros(len(packs), K, dtype=torch.bool)
         history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
+        k_idx = [k for p in packs for k in range(len(p.branch_ids))]
         for b, p in enumerate(packs):
             for k, (branch, last, t) in enumerate(zip(p.branch_ids, p.last_index, p.last_time)):
                 bid[b, k], bpos[b, k], ltime[b, k], active[b, k] = branch, int(p.bpos[last]), t, True
@@ -256,27 +258,15 @@ class Runner:
                     history[b, k] = h[0]
                     history[b, k, : h.numel()] = h
                     hlen[b, k] = h.numel()
-        per_row = torch.tensor([rows, indices, [p.num_tokens for p in packs]])
-        to = _copier(dev)
-        r, index, n_real = to(per_row)
-        meta = TokenMeta(*(to(t) for t in batch.meta.astuple()))
-        for dst, src, empty in zip(s.keys.astuple(), meta.astuple(), (0, -1, False, False)):
-            dst[r] = empty
-            dst[r, :n] = src
-        self.cache.prefill(r, n)
-        slots = torch.arange(n, device=dev).expand(len(packs), n)  # [B, N]: a prompt token's own slot
-        b_idx, cols, k_idx = to(b_idx), to(cols), to(k_idx)
-        logits = self.call(to(batch.input_ids), to(positions), meta, meta, slots, self.cache,
-                           select=(b_idx, cols))  # [E, V]
         for dst, src in ((s.branch_id, bid), (s.bpos, bpos), (s.last_time, ltime), (s.active, active),
                          (s.base, base), (s.hist_len, hlen), (s.history, history)):
-            dst[r] = to(src)
+            dst[r] = src.to(dev)
         for t in (s.ngen, s.finish, s.out):
             t[r] = 0
-        s.index[r] = index
-        s.n_real[r] = n_real
+        s.index[r] = torch.tensor(indices, device=dev)
+        s.n_real[r] = torch.tensor([p.num_tokens for p in packs], device=dev)
         s.logits[r] = 0
-        s.logits[r[b_idx], k_idx] = logits.to(s.logits.dtype)
+        s.logits[r[b_idx], torch.tensor(k_idx, device=dev)] = logits.to(s.logits.dtype)
 
     def move_row(self, src: int, dst: int) -> None:
         for t in self.state.tensors():
@@ -302,12 +292,12 @@ class Result:
     finish_reasons: list[str]
 
 
-def _buckets(R: int, smallest: int = 1) -> list[int]:
-    """Row counts the step runs over: R, R/2, R/4, ... down to ``smallest`` (at most ~log2 R graphs)."""
-    out, n = [R], R
-    while n // 2 >= max(1, smallest):
-        n //= 2
+def _buckets(R: int) -> list[int]:
+    """Row counts the step runs over: R, R/2, R/4, ... down to 1 (at most ~log2 R graphs)."""
+    out, n = [], R
+    while n >= 1:
         out.append(n)
+        n //= 2
     return out
 
 
@@ -376,7 +366,7 @@ class Engine:
         t = time.perf_counter()
         runner = Runner(self.model, opts, R, K, S, W, graphs)
         if graphs:
-            runner.capture(_buckets(R, runner.smallest))
+            runner.capture(_buckets(R))
         self.stats["capture_s"] += time.perf_counter() - t
         self.runner, self._runner_key = runner, (opts, graphs)
         return runner
@@ -424,45 +414,36 @@ class Engine:
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
         steps = 0
         ready: list[Result] = []  # harvested, handed to the caller once the next steps are queued
-
-        def admit() -> None:
-            """Prefill pending samples into free rows, in chunks. Only queued: with steps queued before them,
-            the host builds these forwards while the device runs those steps."""
-            t = time.perf_counter()
-            take = []
-            while pending and free:
-                take.append((free.pop(), pending.pop()))
-            free.sort(reverse=True)
-            for chunk in _prefill_chunks(take, packs, cfg.prefill_tokens):
-                rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
-                runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
-                live.update(chunk)
-                started.update((r, steps) for r in rows)
-                st["prefills"] += 1
-            st["prefill_s"] += time.perf_counter() - t
-
         while pending or live:
-            if not live:  # nothing to decode meanwhile: admit first
-                admit()
+            # admit: fill free rows when enough are free (or nothing runs); prefill in chunks
+            if pending and free and (not live or len(free) >= max(1, runner.R // 8) or len(free) >= len(pending)):
+                t = time.perf_counter()
+                take = []
+                while pending and free:
+                    take.append((free.pop(), pending.pop()))
+                free.sort(reverse=True)
+                for chunk in _prefill_chunks(take, packs, cfg.prefill_tokens):
+                    rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
+                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
+                    live.update(chunk)
+                    started.update((r, steps) for r in rows)
+                    st["prefills"] += 1
+                _sync(self.device)
+                st["prefill_s"] += time.perf_counter() - t
             # decode a few steps over the smallest bucket that holds every live row
             t = time.perf_counter()
-            n = _bucket_for(max(live) + 1, runner.R, runner.smallest)
+            n = _bucket_for(max(live) + 1, runner.R)
             # check again no later than the step at which the first live sample must end (max_new_tokens)
             count = max(1, min(sync, min(opts.max_new_tokens - (steps - started[r]) for r in live)))
             runner.run_steps(n, count)
             steps += count
             st["steps"] += count
-            st["decode_s"] += time.perf_counter() - t
-            # fill free rows when enough are free (or the rest fits): they start with the next steps
-            if pending and free and (len(free) >= max(1, runner.R // 8) or len(free) >= len(pending)):
-                admit()
-            t = time.perf_counter()
-            if ready:  # the caller handles these (text, output files) while the device runs the queued work
+            if ready:  # the caller handles these (text, output files) while the device runs the queued steps
                 away = time.perf_counter()
                 yield ready
                 ready = []
                 t += time.perf_counter() - away
-            alive = runner.state.active[: _bucket_for(max(live) + 1, runner.R, runner.smallest)].any(1).tolist()
+            alive = runner.state.active[:n].any(1).tolist()
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
                 on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
@@ -490,18 +471,14 @@ class Engine:
             yield Result(pos, ids, [FINISH_REASONS[int(finish[j, k])] for k in range(k_n)])
 
 
-def _copier(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Host tensor -> ``device``; to a GPU through pinned memory, without waiting (the caching host
-    allocator keeps the pinned block until the copy has run)."""
-    if device.type != "cuda":
-        return lambda t: t.to(device)
-    return lambda t: t.pin_memory().to(device, non_blocking=True)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _bucket_for(rows: int, R: int, smallest: int = 1) -> int:
-    """The smallest bucket of ``_buckets(R, smallest)`` that holds ``rows`` rows."""
+def _bucket_for(rows: int, R: int) -> int:
     n = R
-    while n // 2 >= max(rows, smallest):
+    while n // 2 >= rows:
         n //= 2
     return n
 

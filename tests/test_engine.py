@@ -121,10 +121,6 @@ def test_buckets_bound_the_number_of_step_shapes():
     assert _buckets(256) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
     assert _buckets(37) == [37, 18, 9, 4, 2, 1]
     assert [_bucket_for(n, 37) for n in (1, 2, 3, 5, 9, 10, 19, 37)] == [1, 2, 4, 9, 9, 18, 37, 37]
-    # graphed steps stop at a smallest bucket: fewer rows run over it
-    assert _buckets(256, 8) == [256, 128, 64, 32, 16, 8]
-    assert _buckets(5, 8) == [5]
-    assert [_bucket_for(n, 256, 8) for n in (1, 7, 8, 9, 100, 256)] == [8, 8, 8, 16, 128, 256]
 
 
 @pytest.mark.gpu
