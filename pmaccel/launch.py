@@ -78,8 +78,10 @@ def run_processes(settings: Any, job: Any) -> Any:
     with tempfile.TemporaryDirectory(prefix="pmaccel-launch-") as tmp:
         task, error = Path(tmp, "task.pkl"), Path(tmp, "error.pkl")
         task.write_bytes(pickle.dumps((settings, job)))
-        flags = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        # the GPUs this process sees (CUDA_VISIBLE_DEVICES), not a default accelerate config's gpu_ids: the
+        # count was checked against them
+        flags = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--gpu_ids", "all",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                  "-m", "pmaccel.launch", str(task), str(error)]
         args = launch_command_parser().parse_args(flags)
         levels = {name: logging.getLogger(name).level for name in LAUNCHER_LOGGERS}

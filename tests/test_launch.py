@@ -19,8 +19,8 @@ from pmaccel.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pmaccel_cli(*flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def pmaccel_cli(*flags: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra_env}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "pmaccel", *flags], env=env, capture_output=True, text=True,
@@ -32,7 +32,13 @@ def test_two_started_processes_write_the_file_of_one(tiny, mixed, tmp_path):
               "--max_new_tokens", "8", "--device", "cpu"]
     one = pmaccel_cli(*common, "--out_path", str(tmp_path / "one.jsonl"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = pmaccel_cli(*common, "--num_processes", "2", "--out_path", str(tmp_path / "two.jsonl"))
+    # a user's default accelerate config (one GPU id, fp16, no distribution) changes nothing of it
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                      "gpu_ids: '0'\nmixed_precision: fp16\nuse_cpu: false\n")
+    two = pmaccel_cli(*common, "--num_processes", "2", "--out_path", str(tmp_path / "two.jsonl"),
+                      HF_HOME=str(tmp_path / "hf"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert two.stdout.count("pmaccel: 10 rows") == 1, "one summary, from the main process"
