@@ -65,7 +65,7 @@ def run_processes(settings: Any, job: Any) -> Any:
     Returns the records of the output file (as the main process of a launched run returns them).
 
     Raises:
-        PMAccelError: the input error every process met (said once, here).
+        PMAccelError: an input error of a process (the main one's when it met one), to be said once.
         RuntimeError: a process failed otherwise (its traceback is in the output above).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -76,13 +76,14 @@ def run_processes(settings: Any, job: Any) -> Any:
 
     n = settings.num_processes
     with tempfile.TemporaryDirectory(prefix="pmaccel-launch-") as tmp:
-        task, error = Path(tmp, "task.pkl"), Path(tmp, "error.pkl")
+        task, errors = Path(tmp, "task.pkl"), Path(tmp, "errors")
+        errors.mkdir()
         task.write_bytes(pickle.dumps((settings, job)))
         # the GPUs this process sees (CUDA_VISIBLE_DEVICES), not a default accelerate config's gpu_ids: the
         # count was checked against them
         flags = ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--gpu_ids", "all",
                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                 "-m", "pmaccel.launch", str(task), str(error)]
+                 "-m", "pmaccel.launch", str(task), str(errors)]
         args = launch_command_parser().parse_args(flags)
         levels = {name: logging.getLogger(name).level for name in LAUNCHER_LOGGERS}
         for name in LAUNCHER_LOGGERS:  # a failed process says why itself; the launcher's report repeats it
@@ -90,8 +91,9 @@ def run_processes(settings: Any, job: Any) -> Any:
         try:
             launch_command(args)
         except ChildFailedError as e:
-            if error.exists():
-                raise pickle.loads(error.read_bytes()) from None
+            said = sorted(errors.glob("*.pkl"), key=lambda f: int(f.stem))  # by rank: the main one's first
+            if said:
+                raise pickle.loads(said[0].read_bytes()) from None
             codes = sorted({failure.exitcode for failure in e.failures.values()})
             raise RuntimeError(f"{len(e.failures)} of {n} pmaccel processes failed (exit status "
                                f"{', '.join(map(str, codes))}); their output is above") from None
@@ -112,9 +114,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(task: str, error: str) -> int:
+def _rank_main(task: str, errors: str) -> int:
     """One started process: the pickled job, with the command's start-up; an input error goes back to
-    the starting process (which says it once), from the main process."""
+    the starting process, which says the main process's (or else the first rank's) once."""
     from pmaccel.cli import startup
     from pmaccel.run import run_job
 
@@ -123,8 +125,7 @@ def _rank_main(task: str, error: str) -> int:
         try:
             run_job(settings, job, own_process=False)
         except PMAccelError as e:
-            if int(os.environ.get("RANK", "0")) == 0:
-                Path(error).write_bytes(pickle.dumps(e))
+            Path(errors, f"{int(os.environ.get('RANK', '0'))}.pkl").write_bytes(pickle.dumps(e))
             return 2
     return 0
 

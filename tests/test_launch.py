@@ -13,7 +13,7 @@ import pytest
 
 from pmaccel import launch
 from pmaccel.errors import PMAccelError
-from pmaccel.inference import infer
+from pmaccel.inference import GenerateJob, infer
 from pmaccel.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +92,23 @@ def test_process_counts_refused(monkeypatch):
     with pytest.raises(PMAccelError, match="launcher started 2"):
         launch.check_process_count(Settings(num_processes=4))
 
+
+
+class SecondRankFails(GenerateJob):
+    """A job that only the second process refuses (an error the main process never meets)."""
+
+    def check(self, settings):
+        if os.environ.get("RANK") == "1":
+            raise PMAccelError("only the second process meets this", field="max_new_tokens")
+
+
+def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, tmp_path, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))  # the job's module
+    settings = Settings(base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
+                        max_new_tokens=2, device="cpu", num_processes=2)
+    with pytest.raises(PMAccelError, match="only the second process meets this"):
+        launch.run_processes(settings, SecondRankFails())
+    assert not (tmp_path / "out.jsonl").exists()
