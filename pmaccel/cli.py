@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from pmaccel.errors import PMAccelError
 
 PREVIEW_RECORDS = 10
+INTERRUPTED = ("pmaccel: interrupted; the samples finished so far are kept in the part files next to --out_path: "
+               "the same command again resumes from them")
 _FORKS_COLLECT = False  # whether forked children turn the collector back on (registered once)
 BYTECODE_PROBES = ("torch", "transformers")  # the largest imports of a run
 BYTECODE_WARMERS = ("import datasets, triton", "import transformers.modeling_utils")  # what a run imports after torch
@@ -89,6 +91,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+        return 130  # as a shell reports a process that SIGINT ended
     if records is not None and settings.data_path is None and not scoring:  # the demo: show what came out
         _print_preview(records, settings.out_path)
     return 0

@@ -12,14 +12,17 @@ file is the same at any process count. Under a launcher (``accelerate launch``, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,7 @@ def run_processes(settings: Any, job: Any) -> Any:
         RuntimeError: a process failed otherwise (its traceback is in the output above).
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from pmaccel.output import summary_path
@@ -85,11 +89,9 @@ def run_processes(settings: Any, job: Any) -> Any:
                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                  "-m", "pmaccel.launch", str(task), str(errors)]
         args = launch_command_parser().parse_args(flags)
-        levels = {name: logging.getLogger(name).level for name in LAUNCHER_LOGGERS}
-        for name in LAUNCHER_LOGGERS:  # a failed process says why itself; the launcher's report repeats it
-            logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
-            launch_command(args)
+            with _quiet(LAUNCHER_LOGGERS):  # a failed process says why itself; the launcher's report repeats it
+                launch_command(args)
         except ChildFailedError as e:
             said = sorted(errors.glob("*.pkl"), key=lambda f: int(f.stem))  # by rank: the main one's first
             if said:
@@ -97,14 +99,34 @@ def run_processes(settings: Any, job: Any) -> Any:
             codes = sorted({failure.exitcode for failure in e.failures.values()})
             raise RuntimeError(f"{len(e.failures)} of {n} pmaccel processes failed (exit status "
                                f"{', '.join(map(str, codes))}); their output is above") from None
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+        except SignalException as e:  # the launcher stopped the processes; Ctrl-C is the caller's as usual
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise
     records = Records(settings.out_path)
     fields = {f.name for f in dataclasses.fields(Summary)}
     summary = json.loads(summary_path(Path(settings.out_path)).read_text())
     records.summary = Summary(**{k: v for k, v in summary.items() if k in fields})
     return records
+
+
+@contextlib.contextmanager
+def _quiet(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Only critical records from the loggers under ``prefixes`` meanwhile. A filter, not a level: torch
+    resets its loggers' levels when its logging is set up again (which importing parts of it can do)."""
+    import torch.distributed.run  # noqa: F401  (the launcher's modules, so that their loggers exist)
+
+    def critical_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith(prefixes)]
+    for logger in loggers:
+        logger.addFilter(critical_only)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(critical_only)
 
 
 def _free_port() -> int:
@@ -127,6 +149,8 @@ def _rank_main(task: str, errors: str) -> int:
         except PMAccelError as e:
             Path(errors, f"{int(os.environ.get('RANK', '0'))}.pkl").write_bytes(pickle.dumps(e))
             return 2
+        except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the starting one says it
+            return 130
     return 0
 
 

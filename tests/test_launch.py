@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pmaccel import launch
+from pmaccel import cli, launch
 from pmaccel.errors import PMAccelError
 from pmaccel.inference import GenerateJob, infer
 from pmaccel.settings import Settings
@@ -112,3 +113,36 @@ def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, t
     with pytest.raises(PMAccelError, match="only the second process meets this"):
         launch.run_processes(settings, SecondRankFails())
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_is_one_line_and_status_130(tiny, mixed, tmp_path, processes):
+    """Ctrl-C reaches every process of the terminal's group: one line from the run, exit 130, part files kept."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pmaccel", "--base_model", str(tiny), "--data_path", str(mixed),
+                             "--out_path", str(out), "--max_new_tokens", "100000", "--device", "cpu",
+                             "--num_processes", str(processes)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("out.jsonl.part-*"))) < processes:  # every process is decoding
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started decoding"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not re.search(r"\d+%\|", line)]  # all but the progress bars
+    assert proc.returncode == 130, stderr[-3000:]
+    assert lines == [cli.INTERRUPTED], stderr[-3000:]
+    assert not out.exists() and len(list(tmp_path.glob("out.jsonl.part-*"))) == processes
