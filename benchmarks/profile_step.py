@@ -85,11 +85,7 @@ def main() -> None:
             for _ in range(5):
                 runner.step(n)
             torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events)
-    print(f"kernels: {total / 5e3:.3f} ms/step in all")
-    for e in events[: args.rows]:
-        print(f"  {e.self_device_time_total / 5e3:7.3f} ms/step {e.count // 5:5d}x  {e.key[:90]}")
+    print_kernels(prof, "kernels", args.rows, per=5, unit="ms/step", scale=1e3)
 
 
 def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[dict]) -> None:
@@ -138,11 +134,17 @@ def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[di
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             admit()
             torch.cuda.synchronize()
+    print_kernels(prof, "prefill kernels", args.rows, per=1, unit="s", scale=1e6)
+
+
+def print_kernels(prof, title: str, rows: int, per: int, unit: str, scale: float) -> None:
+    """The profiled device time in all and its ``rows`` largest kernels, per ``per`` repetitions
+    (device microseconds / ``scale`` in ``unit``)."""
     events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)
-    print(f"prefill kernels: {total / 1e6:.3f} s in all")
-    for e in events[: args.rows]:
-        print(f"  {e.self_device_time_total / 1e6:7.3f} s {e.count:6d}x  {e.key[:90]}")
+    print(f"{title}: {total / per / scale:.3f} {unit} in all")
+    for e in events[:rows]:
+        print(f"  {e.self_device_time_total / per / scale:7.3f} {unit} {e.count // per:5d}x  {e.key[:90]}")
 
 
 if __name__ == "__main__":

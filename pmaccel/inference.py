@@ -37,7 +37,8 @@ def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
 
     Returns:
         On the main process, the records written (a list with a ``summary`` attribute); on the
-        other processes ``None``.
+        other processes ``None``. With ``num_processes=N`` (N > 1, no launcher) the call starts the N
+        processes itself, one per GPU, and returns the records once they have ended.
 
     Raises:
         PMAccelError: a bad setting or input (file, row and field in the message); nothing is
@@ -51,6 +52,7 @@ def infer(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:
         >>> from accelerate import notebook_launcher  # doctest: +SKIP
         >>> settings = pmaccel.Settings(data_path="rows.jsonl", out_path="out.jsonl")  # doctest: +SKIP
         >>> notebook_launcher(pmaccel.infer, (settings,), num_processes=2)  # doctest: +SKIP
+        >>> records = pmaccel.infer(settings, num_processes=2)  # doctest: +SKIP
     """
     return run_job(run_settings(settings, kwargs), GenerateJob())
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from pmaccel.errors import PMAccelError
 
-LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run")  # each failed process, on stderr
+LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run")  # they report every failed process
 
 
 def launched() -> bool:
