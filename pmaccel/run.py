@@ -189,8 +189,9 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
 
     Every process calls this; see ``pmaccel.inference.infer`` for the launchers. Returns the records on the main
     process, ``None`` on the others. With ``settings.num_processes`` > 1 and no launcher, the processes are
-    started here (``pmaccel.launch``) and this returns the records once they are done. ``own_process``: run in a child process of this one (``None``: when
-    ``spares_cuda`` says so; the CLI, whose process ends with the run, passes ``False``).
+    started here (``pmaccel.launch``) and this returns the records once they are done. ``own_process``: run
+    in a child process of this one (``None``: when ``spares_cuda`` says so; the CLI, whose process ends with
+    the run, passes ``False``).
     """
     job.check(settings)
     from pmaccel import launch

@@ -15,17 +15,32 @@ import pytest
 from pmaccel import cli, launch
 from pmaccel.errors import PMAccelError
 from pmaccel.inference import GenerateJob, infer
+from pmaccel.run import LAUNCHED_ENV
 from pmaccel.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pmaccel_cli(*flags: str, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra_env}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without a launcher's variables, importing this checkout, one thread a process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    for name in LAUNCHED_ENV:
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "pmaccel", *flags], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return env
+
+
+@pytest.fixture
+def unlaunched(monkeypatch):
+    """This test process as ``cli_env`` describes it (for calls that start processes from here)."""
+    for name in LAUNCHED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the started processes import this checkout
+
+
+def pmaccel_cli(*flags: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pmaccel", *flags], env=cli_env(**extra_env), capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_two_started_processes_write_the_file_of_one(tiny, mixed, tmp_path):
@@ -61,11 +76,7 @@ def test_an_input_error_is_one_line_from_started_processes(tiny, tmp_path):
     assert not out.exists()
 
 
-def test_infer_starts_the_processes_and_returns_the_records(tiny, mixed, tmp_path, monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the started processes import this checkout
+def test_infer_starts_the_processes_and_returns_the_records(tiny, mixed, tmp_path, unlaunched):
     common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=6,
                   temperature=1.0, seed=3, device="cpu")
     alone = infer(out_path=str(tmp_path / "one.jsonl"), **common)
@@ -74,9 +85,7 @@ def test_infer_starts_the_processes_and_returns_the_records(tiny, mixed, tmp_pat
     assert started.summary.samples == alone.summary.samples and len(started.summary.phases) == 2
 
 
-def test_process_counts_refused(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+def test_process_counts_refused(monkeypatch, unlaunched):
     with pytest.raises(PMAccelError, match="num_processes: must be at least 1"):
         Settings(num_processes=0)
     assert launch.check_process_count(Settings()) is False
@@ -103,10 +112,7 @@ class SecondRankFails(GenerateJob):
             raise PMAccelError("only the second process meets this", field="max_new_tokens")
 
 
-def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, tmp_path, monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, tmp_path, monkeypatch, unlaunched):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))  # the job's module
     settings = Settings(base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
                         max_new_tokens=2, device="cpu", num_processes=2)
@@ -121,14 +127,11 @@ def test_ctrl_c_is_one_line_and_status_130(tiny, mixed, tmp_path, processes):
     import signal
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        env.pop(name, None)
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "pmaccel", "--base_model", str(tiny), "--data_path", str(mixed),
                              "--out_path", str(out), "--max_new_tokens", "100000", "--device", "cpu",
                              "--num_processes", str(processes)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
