@@ -243,24 +243,29 @@ class Runner:
         cols = [c for p in packs for c in p.last_index]
         select = (torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev))
         logits = self.call(batch.input_ids.to(dev), positions, meta, meta, slots, self.cache, select=select)  # [E, V]
-        # per lane: [B, K] on the host, then one copy each
-        lane = lambda fill: torch.full((len(packs), K), fill, dtype=torch.long)  # noqa: E731
-        bid, bpos, ltime, base, hlen = lane(-1), lane(0), lane(0), lane(self.S - 1), lane(0)
-        active = torch.zeros(len(packs), K, dtype=torch.bool)
-        history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
+        # per lane, built as Python lists (no tensor operation per branch), then one copy to the device:
+        # (branch id, bpos, time of the last prompt token, active, first output slot, history length)
+        idle = [-1, 0, 0, 0, self.S - 1, 0]
+        table = []
+        for p in packs:
+            bpos = p.bpos[p.last_index].tolist()
+            table.append([[b, bp, t, 1, p.num_tokens + k * G, 0]
+                          for k, (b, bp, t) in enumerate(zip(p.branch_ids, bpos, p.last_time))]
+                         + [idle] * (K - len(p.branch_ids)))
+        lanes = torch.tensor(table, dtype=torch.long)  # [B, K, 6]
         k_idx = [k for p in packs for k in range(len(p.branch_ids))]
-        for b, p in enumerate(packs):
-            for k, (branch, last, t) in enumerate(zip(p.branch_ids, p.last_index, p.last_time)):
-                bid[b, k], bpos[b, k], ltime[b, k], active[b, k] = branch, int(p.bpos[last]), t, True
-                base[b, k] = p.num_tokens + k * G
-                if history.shape[-1]:
-                    h = p.input_ids[(p.branch == branch) | p.is_main]  # main then the branch, in time order
+        if s.history.shape[-1]:  # repetition penalty: each lane's main + branch ids, in time order
+            history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
+            for b, p in enumerate(packs):
+                for k, branch in enumerate(p.branch_ids):
+                    h = p.input_ids[(p.branch == branch) | p.is_main]
                     history[b, k] = h[0]
                     history[b, k, : h.numel()] = h
-                    hlen[b, k] = h.numel()
-        for dst, src in ((s.branch_id, bid), (s.bpos, bpos), (s.last_time, ltime), (s.active, active),
-                         (s.base, base), (s.hist_len, hlen), (s.history, history)):
-            dst[r] = src.to(dev)
+                    lanes[b, k, 5] = h.numel()
+            s.history[r] = history.to(dev)
+        lanes = lanes.to(dev)
+        for j, dst in enumerate((s.branch_id, s.bpos, s.last_time, s.active, s.base, s.hist_len)):
+            dst[r] = lanes[..., j].to(dst.dtype)
         for t in (s.ngen, s.finish, s.out):
             t[r] = 0
         s.index[r] = torch.tensor(indices, device=dev)
@@ -273,7 +278,7 @@ class Runner:
             t[dst] = t[src]
         self.cache.move_row(src, dst)
 
-    def clear_row(self, row: int | slice) -> None:
+    def clear_row(self, row: int | slice | torch.Tensor) -> None:
         s = self.state
         s.active[row] = False
         s.index[row] = -1
@@ -460,15 +465,15 @@ class Engine:
     def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], packs) -> Iterator[Result]:
         s = runner.state
         r = torch.tensor(done, device=s.out.device)
-        out, ngen, finish = s.out[r].cpu(), s.ngen[r].cpu(), s.finish[r].cpu()
+        out, ngen, finish = s.out[r].tolist(), s.ngen[r].tolist(), s.finish[r].tolist()
+        runner.clear_row(r)
         for j, row in enumerate(done):
             pos = live.pop(row)
-            runner.clear_row(row)
             k_n = len(packs[pos].branch_ids)
-            ids = [out[j, k, : ngen[j, k]].tolist() for k in range(k_n)]
+            ids = [out[j][k][: ngen[j][k]] for k in range(k_n)]
             self.stats["samples"] += 1
             self.stats["generated_tokens"] += sum(map(len, ids))
-            yield Result(pos, ids, [FINISH_REASONS[int(finish[j, k])] for k in range(k_n)])
+            yield Result(pos, ids, [FINISH_REASONS[finish[j][k]] for k in range(k_n)])
 
 
 def _sync(device: torch.device) -> None:

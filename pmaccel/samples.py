@@ -30,22 +30,26 @@ class TokenizedSample:
         return len(self.main) + sum(len(b) for b in self.branches)
 
 
-def _branch_text_or_ids(branch: Any, k: int) -> str | list[int]:
+def _all_ints(ids: Sequence) -> bool:
+    """Every item an ``int`` and none a ``bool`` (the types are gathered in C first: the usual all-int list
+    costs no Python per item)."""
+    return set(map(type, ids)) <= {int} or all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+
+
+def _branch_text_or_ids(branch: Any, field: str) -> str | list[int]:
     if isinstance(branch, str):
         return branch
     if isinstance(branch, Mapping):
         if "input_ids" in branch and branch["input_ids"] is not None:
             ids = branch["input_ids"]
-            if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids
-            ):
-                raise PMAccelError("input_ids must be a list of integers", field=f"branches[{k}].input_ids")
+            if not isinstance(ids, Sequence) or isinstance(ids, str) or not _all_ints(ids):
+                raise PMAccelError("input_ids must be a list of integers", field=f"{field}.input_ids")
             return list(ids)
         if isinstance(branch.get("text"), str):
             return branch["text"]
     raise PMAccelError(
         f"branch must be a string, {{'text': str}} or {{'input_ids': [int]}}, got {type(branch).__name__}",
-        field=f"branches[{k}]",
+        field=field,
     )
 
 
@@ -55,7 +59,7 @@ def _main_text_or_ids(main: Any) -> str | list[int]:
     if isinstance(main, str):
         return main
     if isinstance(main, Mapping) and "input_ids" in main:
-        return _branch_text_or_ids(main, 0)
+        return _branch_text_or_ids(main, "main")
     raise PMAccelError(f"main must be a string, got {type(main).__name__}", field="main")
 
 
@@ -101,7 +105,7 @@ def tokenize_sample(sample: Mapping[str, Any], tokenizer: Any, *, chat_template:
     if len(branches) == 0:
         raise PMAccelError("the branch list is empty; give at least one branch", field="branches")
     main = _main_text_or_ids(sample.get("main"))
-    items = [_branch_text_or_ids(b, k) for k, b in enumerate(branches)]
+    items = [_branch_text_or_ids(b, f"branches[{k}]") for k, b in enumerate(branches)]
 
     if chat_template:
         if not isinstance(main, str) or not all(isinstance(x, str) for x in items):

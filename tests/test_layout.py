@@ -56,6 +56,62 @@ def test_random_time_offset_is_seeded_and_in_range():
     assert a.time[a.is_main].tolist() == [0, 1]  # main never moves
 
 
+def _reference_pack(ts, stride, align, interleave, rng):
+    # SPEC §2 token by token: (id, time, branch) per token, then sorted by (time, branch) or (branch, time)
+    first = 1 if ts.main else 0
+    lmax = max(len(b) for b in ts.branches)
+    tokens = [(t, i, 0) for i, t in enumerate(ts.main)]
+    last = []
+    for k, b in enumerate(ts.branches):
+        start = len(ts.main) + (0 if align == "left" else lmax - len(b))
+        if rng is not None:
+            start += rng.randint(0, len(b))
+        tokens += [(t, start + i, first + k) for i, t in enumerate(b)]
+        last.append((start + len(b) - 1, first + k))
+    tokens.sort(key=(lambda x: (x[1], x[2])) if interleave else (lambda x: (x[2], x[1])))
+    where = {(time, branch): i for i, (_, time, branch) in enumerate(tokens)}
+    return tokens, [where[key] for key in last], [t for t, _ in last]
+
+
+def test_packing_matches_a_token_by_token_reference():
+    rng = random.Random(0)
+    for case in range(400):
+        ts = TokenizedSample([rng.randrange(50) for _ in range(rng.choice([0, 0, 1, 4, 9]))],
+                             [[rng.randrange(50) for _ in range(rng.randint(1, 7))] for _ in range(rng.randint(1, 6))])
+        stride, align, interleave = rng.choice([1, 7, 128]), rng.choice(["left", "right"]), rng.random() < 0.7
+        offsets = case % 3 == 0
+        p = pack_sample(ts, branch_stride=stride, align=align, interleave_branches=interleave,
+                        time_offset_rng=random.Random(case) if offsets else None)
+        tokens, last_index, last_time = _reference_pack(ts, stride, align, interleave,
+                                                        random.Random(case) if offsets else None)
+        assert p.input_ids.tolist() == [t for t, _, _ in tokens]
+        assert p.time.tolist() == [time for _, time, _ in tokens]
+        assert p.branch.tolist() == [b for _, _, b in tokens]
+        assert p.bpos.tolist() == [b * stride for _, _, b in tokens]
+        assert p.is_main.tolist() == [bool(ts.main) and b == 0 for _, _, b in tokens]
+        assert p.pos1d.tolist() == list(range(len(tokens)))
+        assert all(t.dtype == torch.long for t in (p.input_ids, p.pos1d, p.bpos, p.time, p.branch))
+        assert p.branch_ids == [(1 if ts.main else 0) + k for k in range(len(ts.branches))]
+        assert (p.last_index, p.last_time) == (last_index, last_time)
+
+
+def test_collate_right_pads_each_sample_as_it_is():
+    rng = random.Random(1)
+    packs = [pack_sample(TokenizedSample([1] * rng.randint(0, 3), [[2] * rng.randint(1, 4)] * rng.randint(1, 3)))
+             for _ in range(5)]
+    batch = collate(packs, pad_id=9)
+    n = max(p.num_tokens for p in packs)
+    for b, p in enumerate(packs):
+        pad = n - p.num_tokens
+        assert batch.input_ids[b].tolist() == p.input_ids.tolist() + [9] * pad
+        assert batch.pos1d[b].tolist() == p.pos1d.tolist() + [0] * pad
+        assert batch.bpos[b].tolist() == p.bpos.tolist() + [0] * pad
+        assert batch.meta.time[b].tolist() == p.time.tolist() + [0] * pad
+        assert batch.meta.branch[b].tolist() == p.branch.tolist() + [-1] * pad
+        assert batch.meta.is_main[b].tolist() == p.is_main.tolist() + [False] * pad
+        assert batch.meta.valid[b].tolist() == [True] * p.num_tokens + [False] * pad
+
+
 def _reference_allowed(time, branch, is_main, mode):
     # SPEC §3 written out token by token
     n = len(time)

@@ -34,6 +34,9 @@ def test_tokenize_keeps_main_and_branches_separate():
         ({"branches": ["ok", "   "]}, r"branches\[1\]: branch is empty after tokenization"),
         ({"branches": [3]}, r"branches\[0\]: branch must be a string"),
         ({"branches": [{"input_ids": ["a"]}]}, "input_ids must be a list of integers"),
+        ({"branches": [{"input_ids": [1, True]}]}, "input_ids must be a list of integers"),
+        ({"branches": [{"input_ids": [1, 2.0]}]}, "input_ids must be a list of integers"),
+        ({"branches": ["x"], "main": {"input_ids": [1, None]}}, r"main\.input_ids: input_ids must be"),
         ({"main": 5, "branches": ["x"]}, "main must be a string"),
     ],
 )
