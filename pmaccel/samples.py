@@ -47,8 +47,9 @@ def _branch_text_or_ids(branch: Any, field: str) -> str | list[int]:
             return list(ids)
         if isinstance(branch.get("text"), str):
             return branch["text"]
+    what = "main" if field == "main" else "branch"
     raise PMAccelError(
-        f"branch must be a string, {{'text': str}} or {{'input_ids': [int]}}, got {type(branch).__name__}",
+        f"{what} must be a string, {{'text': str}} or {{'input_ids': [int]}}, got {type(branch).__name__}",
         field=field,
     )
 

@@ -38,6 +38,7 @@ def test_tokenize_keeps_main_and_branches_separate():
         ({"branches": [{"input_ids": [1, 2.0]}]}, "input_ids must be a list of integers"),
         ({"branches": ["x"], "main": {"input_ids": [1, None]}}, r"main\.input_ids: input_ids must be"),
         ({"main": 5, "branches": ["x"]}, "main must be a string"),
+        ({"main": {"input_ids": None}, "branches": ["x"]}, r"^main: main must be a string, \{'text'"),
     ],
 )
 def test_bad_samples_raise_clear_errors(sample, match):
