@@ -21,11 +21,12 @@ import time
 
 
 def _name(frame) -> str:
+    """``package/module.py:function``: the path from site-packages, or from this checkout's pmaccel/ or benchmarks/."""
     code = frame.f_code
     path = code.co_filename
-    for cut in ("site-packages/", "/pmaccel/", "/benchmarks/"):
-        if cut in path:
-            path = path.split(cut, 1)[1] if cut == "site-packages/" else cut.strip("/") + "/" + path.split(cut, 1)[1]
+    for marker in ("site-packages/", "/pmaccel/", "/benchmarks/"):
+        if marker in path:
+            path = marker.lstrip("/").replace("site-packages/", "") + path.split(marker, 1)[1]
             break
     return f"{path}:{code.co_name}"
 

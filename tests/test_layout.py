@@ -97,7 +97,10 @@ def test_packing_matches_a_token_by_token_reference():
 
 def test_collate_right_pads_each_sample_as_it_is():
     rng = random.Random(1)
-    packs = [pack_sample(TokenizedSample([1] * rng.randint(0, 3), [[2] * rng.randint(1, 4)] * rng.randint(1, 3)))
+    ids = iter(range(10, 1000))  # every token of every sample its own id: a token in the wrong row or place shows
+    packs = [pack_sample(TokenizedSample([next(ids) for _ in range(rng.randint(0, 3))],
+                                         [[next(ids) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 3))]),
+                         branch_stride=5)
              for _ in range(5)]
     batch = collate(packs, pad_id=9)
     n = max(p.num_tokens for p in packs)
