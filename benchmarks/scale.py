@@ -19,7 +19,10 @@ a cold cache for each --num_workers value, with the peak RSS of that process (wo
 
 --merge_only writes a part file holding a (dummy) result for every sample first, under the keys the run
 computes, so the launched run reads, tokenizes, resumes every sample and merges: the memory of the
-resume and of the merge at a size whose decoding would take hours on a small CPU.
+resume and of the merge at a size whose decoding would take hours on a small CPU. With --fresh the part
+file's own pass tokenizes under a cache of its own, so the launched run still starts from a cold cache.
+--tokenizer DIR gives the model a tokenizer from a directory instead of the embedded model's (a machine
+without the embedded model's package). On a GPU machine the GPUs are hidden from the run.
 """
 
 from __future__ import annotations
@@ -50,14 +53,17 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"id": i, "main": text(40), "branches": [text(20) for _ in range(4)]}) + "\n")
 
 
-def write_model(path: Path) -> None:
-    """A 2-layer random Llama over the embedded SmolLM2 tokenizer's vocabulary."""
+def write_model(path: Path, tokenizer: str | None = None) -> None:
+    """A 2-layer random Llama over the vocabulary of ``tokenizer`` (a directory; default: the embedded
+    SmolLM2 model's)."""
     import torch
     import transformers
 
-    from pmaccel.embedded import embedded_model_dir
+    if tokenizer is None:
+        from pmaccel.embedded import embedded_model_dir
 
-    tok = transformers.AutoTokenizer.from_pretrained(embedded_model_dir())
+        tokenizer = str(embedded_model_dir())
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -113,11 +119,16 @@ with output.PartWriter(output.part_path(Path(out), 0, 1)) as writer:
 """
 
 
+def _pythonpath() -> str:
+    """This checkout first, then what this process was given (packages installed there)."""
+    return os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def prepare(rows: Path, model: Path, workers: int, work: Path) -> None:
     """Reading and tokenizing alone, cold cache, ``workers`` processes."""
     cache = work / "hf-datasets-cache-prepare"
     shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": str(HERE.parent),
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": _pythonpath(),
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     out = subprocess.run([sys.executable, "-c", PREPARE, str(rows), str(model), str(workers)], env=env, check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -136,6 +147,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="a cold datasets cache (a fresh HF_DATASETS_CACHE)")
     ap.add_argument("--prepare", default="", help="time reading + tokenizing alone at these --num_workers values")
     ap.add_argument("--merge_only", action="store_true", help="every sample resumed from a part file: no decoding")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a tokenizer directory for the model (default: the embedded SmolLM2 model's)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +156,7 @@ def main() -> None:
     if not rows.exists():
         write_rows(rows, args.rows)
     if not model.exists():
-        write_model(model)
+        write_model(model, args.tokenizer)
     if args.prepare:
         for workers in map(int, args.prepare.split(",")):
             prepare(rows, model, workers, work)
@@ -153,14 +166,20 @@ def main() -> None:
            "-m", "pmaccel", "--base_model", str(model), "--data_path", str(rows), "--out_path", str(out),
            "--max_new_tokens", "1", "--device", "cpu", "--num_workers", str(args.num_workers)]
     cmd += ["--resume"] if args.merge_only else ["--no_resume"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    # a CPU benchmark: on a GPU machine the GPUs are hidden (4 launched ranks on a 1-GPU machine fail otherwise)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath(), "CUDA_VISIBLE_DEVICES": ""}
     if args.fresh:
         cache = work / "hf-datasets-cache"
         shutil.rmtree(cache, ignore_errors=True)
         env["HF_DATASETS_CACHE"] = str(cache)
     if args.merge_only:
+        parts_env = dict(env)
+        if args.fresh:  # the run's own cache stays cold
+            parts_cache = work / "hf-datasets-cache-parts"
+            shutil.rmtree(parts_cache, ignore_errors=True)
+            parts_env["HF_DATASETS_CACHE"] = str(parts_cache)
         subprocess.run([sys.executable, "-c", DUMMY_PARTS, str(rows), str(model), str(out), str(args.num_workers)],
-                       env=env, check=True)
+                       env=parts_env, check=True)
     t = time.perf_counter()
     with open(work / "run.log", "w") as log:  # the progress bars and warnings
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=log)
