@@ -7,8 +7,10 @@ keys by length; each choice changes the order of a sum, and bf16 rounds the diff
 tokens. Under ``invariant_mode(model)`` the three operations whose sums run across a dimension go to
 kernels with one fixed reduction order whatever the shapes:
 
-    F.linear          a tiled GEMM with one tiling for every shape (no split-K): each output element
-                      sums its K products in the same order whatever M is
+    F.linear          a tiled GEMM without split-K: each output element sums its K products in blocks
+                      of BLOCK_K, in one order, whatever M is; the output tile (rows x columns per
+                      program) is chosen from the grid it makes (small tiles where large ones would
+                      leave the device's multiprocessors idle), which changes no element's sum
     mean(dim=-1)      (RMSNorm) one program per row, the row summed in one fixed tree
     RMSNorm modules   the same sum, fused with the rest of the norm into one kernel (one launch instead
                       of ~8 elementwise ones per norm: a decode step is bound by its kernel count), for
@@ -44,7 +46,10 @@ except ImportError:  # CPU builds of torch come without Triton
 
 INVARIANT_ATTENTION = "pmaccel_invariant"
 KEYS_KWARG = "pmaccel_keys"  # the compacted key lists of one forward, computed once for every layer
-BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64  # the one GEMM tiling
+BLOCK_K = 64  # the K block of every GEMM tiling: the order in which an output element sums its products
+# GEMM tilings (rows, columns, warps, pipeline stages): whatever the tile, an element's K products are summed
+# in blocks of BLOCK_K in one order (bit-identical results, checked on H200 by benchmarks/gemm_tiles.py)
+WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
 BLOCK_KEYS = 64  # keys per attention block
 
 
@@ -166,12 +171,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-        _linear_kernel[grid](x2, weight, bias if bias is not None else out, out, M, N, K,
-                             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                             HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                             BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=8, num_stages=3)
+        bm, bn, warps, stages = gemm_tiling(M, N, x.element_size(), x.device)
+        _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            x2, weight, bias if bias is not None else out, out, M, N, K,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BM=bm, BN=bn, BK=BLOCK_K, num_warps=warps, num_stages=stages)
     return out.reshape(*shape[:-1], N)
+
+
+def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
+    """The tiling of an [M, K] x [K, N] GEMM: (rows, columns, warps, stages) per program.
+
+    Wide 128 x 128 tiles while they fill every multiprocessor at least once; where they fill half of them
+    or more, the same tiles with one more pipeline stage (2-byte types: the stage's shared memory fits);
+    below that, 64 x 64 tiles (four times the programs). Measured on H200 over the Qwen2.5-0.5B weight
+    shapes (benchmarks/gemm_tiles.py): a decode step's GEMMs take 8 % (2,048 rows) to 31 % (8 rows) less
+    time than with the wide tiling alone; the K block, and so every result bit, stays the same.
+    """
+    tiles = triton.cdiv(M, WIDE_TILE[0]) * triton.cdiv(N, WIDE_TILE[1])
+    sms = _multiprocessors(device)
+    if tiles >= sms:
+        return WIDE_TILE
+    if 2 * tiles >= sms and itemsize <= 2:
+        return (*WIDE_TILE[:3], WIDE_TILE[3] + 1)
+    return NARROW_TILE
+
+
+_SMS: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter: any tiling does
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

@@ -48,6 +48,24 @@ def test_linear_rows_do_not_depend_on_the_other_rows(dtype):
     assert torch.equal(invariant.linear(x[:7].reshape(1, 7, 192), w, None)[0], invariant.linear(x[:7], w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
+    """The tiling follows the grid (few multiprocessors here: every tiling in one test); a row's bits do not."""
+    dev = _kernel_device(dtype)
+    monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 5)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 160, generator=g).to(dev, dtype)
+    w = torch.randn(136, 160, generator=g).to(dev, dtype)
+    b = torch.randn(136, generator=g).to(dev, dtype)
+    # 128 x 128 tiles: 6 for 300 rows (>= 5), 4 for 129 rows (>= 5 / 2), 2 for 3 rows
+    chosen = {rows: invariant.gemm_tiling(rows, 136, x.element_size(), x.device) for rows in (300, 129, 3)}
+    assert chosen[300] == invariant.WIDE_TILE and chosen[3] == invariant.NARROW_TILE
+    assert chosen[129] == (invariant.NARROW_TILE if dtype == torch.float32 else (128, 128, 8, 4))  # stage memory
+    full = invariant.linear(x, w, b)
+    for rows in (list(range(100, 229)), [7, 8, 9], [299]):
+        assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
+
+
 def test_row_mean_is_the_mean_and_per_row():
     dev = _kernel_device()
     x = torch.randn(9, 5000, generator=torch.Generator().manual_seed(1)).to(dev)
