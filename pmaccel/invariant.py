@@ -22,6 +22,9 @@ kernels with one fixed reduction order whatever the shapes:
 
 Everything else in a decoder is elementwise or per row already. The last property makes a branch of a
 packed sample under the isolated mask compute exactly what it computes decoded alone (``--compare``).
+One elementwise step also runs as one kernel, for speed: transformers' ``apply_rotary_pos_emb``
+(``q * cos + rotate_half(q) * sin``, five kernels per tensor), each product and the sum rounded as
+torch rounds them, for every modeling module whose own function gives the same bits on a test input.
 
 The kernels are Triton (shipped with CUDA builds of torch). On the CPU the mode changes nothing: the
 CPU path is batch-invariant in fp32 as it is (tested).
@@ -30,7 +33,8 @@ CPU path is batch-invariant in fp32 as it is (tested).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,6 +55,7 @@ BLOCK_K = 64  # the K block of every GEMM tiling: the order in which an output e
 # in blocks of BLOCK_K in one order (bit-identical results, checked on H200 by benchmarks/gemm_tiles.py)
 WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
 BLOCK_KEYS = 64  # keys per attention block
+ROPE_HEADS = 8  # heads per RoPE program (queries and keys then share one compiled kernel)
 
 
 def available() -> bool:
@@ -123,6 +128,31 @@ if triton is not None:
             c = tl.cumsum(v, axis=0) + carry
             tl.store(out + row * so + start + offs, c.to(out.dtype.element_ty), mask=start + offs < n)
             carry = tl.sum(tl.where(offs == BLOCK - 1, c, 0.0), axis=0)  # the chunk's last sum, exactly
+
+    @triton.jit(do_not_specialize=["T"])
+    def _rope_kernel(x, cos, sin, out, H, T, sxb, sxh, sxt, scb, sct, ssb, sst, sob, soh, sot,
+                     HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr):
+        # x [B, H, T, D] -> out: (x * cos) + (rotate_half(x) * sin), every product and the sum rounded to
+        # out's type as torch's elementwise kernels round them; one program per (token, batch, BH heads)
+        t = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        h = tl.program_id(2) * BH + tl.arange(0, BH)
+        j = tl.arange(0, BHALF)
+        jm = j < HALF
+        m = (h < H)[:, None] & jm[None, :]
+        dt = out.dtype.element_ty
+        xp = x + b * sxb + t * sxt + h[:, None] * sxh + j[None, :]
+        x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cos + b * scb + t * sct + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos + b * scb + t * sct + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin + b * ssb + t * sst + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin + b * ssb + t * sst + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+        lo = (x1 * c1).to(dt).to(tl.float32) + ((0.0 - x2) * s1).to(dt).to(tl.float32)
+        hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        op = out + b * sob + t * sot + h[:, None] * soh + j[None, :]
+        tl.store(op, lo.to(dt), mask=m)
+        tl.store(op + HALF, hi.to(dt), mask=m)
 
     @triton.jit(do_not_specialize=["B", "Q"])
     def _attention_kernel(q, k, v, out, keys, count, scale, B, Q, G, D,
@@ -277,6 +307,96 @@ def _fused_norms(model: Any) -> Iterator[None]:
             del m.forward
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of x [B, H, T, D] with cos/sin [B or 1, T, D] (``unsqueeze_dim=1``) in one
+    kernel: ``x * cos + rotate_half(x) * sin``, rounded as torch's separate kernels round it; the result
+    has x's strides."""
+    B, H, T, D = x.shape
+    out = torch.empty_like(x)
+    if out.numel():
+        _rope_kernel[(T, B, triton.cdiv(H, ROPE_HEADS))](
+            x, cos, sin, out, H, T, x.stride(0), x.stride(1), x.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), sin.stride(0) if sin.shape[0] > 1 else 0,
+            sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            HALF=D // 2, BH=ROPE_HEADS, BHALF=triton.next_power_of_2(D // 2), num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def _rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rope`` computes these: CUDA, one dtype, [B, H, T, D] with D even and contiguous, cos/sin [B, T, D]."""
+    return (q.is_cuda and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape
+            and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.stride(-1) == k.stride(-1) == 1
+            and cos.stride(-1) == sin.stride(-1) == 1
+            and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2] == k.shape[2])
+
+
+def _fused_apply(original: Callable) -> Callable:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` through ``rope``; any other call goes to ``original``."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"} or not _rope_applies(q, k, cos, sin):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    apply_rotary_pos_emb.pmaccel_original = original
+    return apply_rotary_pos_emb
+
+
+_FUSABLE_ROPE: dict[tuple[str, int, torch.dtype], bool] = {}  # (modeling module, head dim, dtype) -> same bits
+
+
+def _rope_modules(model: Any) -> list[Any]:
+    """The modeling modules of ``model``'s attention layers whose ``apply_rotary_pos_emb`` ``rope`` reproduces,
+    bit for bit, on a test input of the layers' head size and dtype (checked once per module)."""
+    found = {}
+    for m in model.modules():
+        module = sys.modules.get(type(m).__module__)
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        head_dim = getattr(m, "head_dim", None)
+        if not callable(fn) or not isinstance(head_dim, int) or hasattr(fn, "pmaccel_original"):
+            continue
+        weight = next(m.parameters(), None)
+        if weight is None or not weight.is_cuda or not weight.is_floating_point():
+            continue
+        key = (module.__name__, head_dim, weight.dtype)
+        if key not in _FUSABLE_ROPE:
+            # the layer's own head counts: the check compiles the kernel the forwards will run
+            heads = [max(1, getattr(getattr(m, name, None), "out_features", 2 * head_dim) // head_dim)
+                     for name in ("q_proj", "k_proj")]
+            g = torch.Generator(device=weight.device).manual_seed(0)
+            q, k = (torch.randn(2, 5, h, head_dim, generator=g, device=weight.device).to(weight.dtype).transpose(1, 2)
+                    for h in heads)
+            angle = 100 * torch.rand(2, 5, head_dim, generator=g, device=weight.device)
+            cos, sin = angle.cos().to(weight.dtype), angle.sin().to(weight.dtype)
+            try:
+                with torch.no_grad():
+                    ref = fn(q, k, cos, sin)
+                same = (_rope_applies(q, k, cos, sin) and isinstance(ref, tuple) and len(ref) == 2
+                        and all(torch.equal(r, rope(x, cos, sin)) for r, x in zip(ref, (q, k))))
+            except Exception:  # noqa: BLE001  (another signature or layout: that module keeps its own)
+                same = False
+            _FUSABLE_ROPE[key] = same
+        if _FUSABLE_ROPE[key]:
+            found[module.__name__] = module
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _fused_rope(model: Any) -> Iterator[None]:
+    """The attention layers of ``model`` apply RoPE through ``rope`` while the context lasts (their modeling
+    module's ``apply_rotary_pos_emb`` is swapped for it, then restored)."""
+    modules = _rope_modules(model)
+    originals = [m.apply_rotary_pos_emb for m in modules]
+    for m, fn in zip(modules, originals):
+        m.apply_rotary_pos_emb = _fused_apply(fn)
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, originals):
+            m.apply_rotary_pos_emb = fn
+
+
 def row_cumsum(x: torch.Tensor) -> torch.Tensor:
     """``x.cumsum(-1)`` of a float tensor, each row scanned in one fixed order whatever the number of rows."""
     n = x.shape[-1]
@@ -389,7 +509,7 @@ def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
     before = model.config._attn_implementation
     model.set_attn_implementation(INVARIANT_ATTENTION)
     try:
-        with _fused_norms(model), _InvariantOps():
+        with _fused_norms(model), _fused_rope(model), _InvariantOps():
             yield
     finally:
         model.set_attn_implementation(before)

@@ -66,6 +66,58 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
         assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_transformers_rope_bit_for_bit(dtype):
+    """One kernel against transformers' apply_rotary_pos_emb on the layout a layer gives it (a transposed
+    view), with cos/sin as its rotary module makes them (several batch rows, or one broadcast)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    dev = _kernel_device(dtype)
+    g = torch.Generator().manual_seed(6)
+    B, T, H, H_kv, D = 3, 7, 14, 2, 64
+    q = torch.randn(B, T, H * D, generator=g).to(dev, dtype).view(B, T, H, D).transpose(1, 2)
+    k = torch.randn(B, T, H_kv * D, generator=g).to(dev, dtype).view(B, T, H_kv, D).transpose(1, 2)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    for rows in (B, 1):
+        freqs = torch.randint(0, 4000, (rows, T, 1), generator=g).float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).to(dev)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        ref_q, ref_k = modeling_qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+        got_q, got_k = invariant.rope(q, cos, sin), invariant.rope(k, cos, sin)
+        assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+        assert got_q.stride() == q.stride()
+
+
+def test_rope_is_swapped_in_only_while_the_context_lasts():
+    """transformers' function is replaced for a model's layers inside the context and restored after; the
+    model computes the same bits either way; calls the kernel does not cover still reach the original."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2 import modeling_qwen2
+
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("the swap is made for CUDA models")
+    original = modeling_qwen2.apply_rotary_pos_emb
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 9), device="cuda")
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with invariant._fused_rope(model):
+            swapped = modeling_qwen2.apply_rotary_pos_emb
+            assert swapped is not original and swapped.pmaccel_original is original
+            got = model(input_ids=ids).logits
+            q = torch.randn(2, 3, 5, 16, device="cuda", dtype=torch.bfloat16)
+            cos = torch.randn(2, 5, 16, device="cuda", dtype=torch.bfloat16)
+            a = swapped(q, q, cos, cos, unsqueeze_dim=1)
+            b = swapped(q.transpose(1, 2), q.transpose(1, 2), cos, cos, unsqueeze_dim=2)  # not the kernel's
+            assert torch.equal(a[0], original(q, q, cos, cos)[0])
+            assert torch.equal(b[0], original(q.transpose(1, 2), q.transpose(1, 2), cos, cos, unsqueeze_dim=2)[0])
+    assert modeling_qwen2.apply_rotary_pos_emb is original
+    assert torch.equal(got, ref)
+
+
 def test_row_mean_is_the_mean_and_per_row():
     dev = _kernel_device()
     x = torch.randn(9, 5000, generator=torch.Generator().manual_seed(1)).to(dev)
