@@ -148,7 +148,7 @@ if triton is not None:
         c2 = tl.load(cos + b * scb + t * sct + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
         s1 = tl.load(sin + b * ssb + t * sst + j, mask=jm, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(sin + b * ssb + t * sst + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-        lo = (x1 * c1).to(dt).to(tl.float32) + ((0.0 - x2) * s1).to(dt).to(tl.float32)
+        lo = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)  # -x2: rotate_half's sign
         hi = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
         op = out + b * sob + t * sot + h[:, None] * soh + j[None, :]
         tl.store(op, lo.to(dt), mask=m)
@@ -323,7 +323,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def _rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether ``rope`` computes these: CUDA, one dtype, [B, H, T, D] with D even and contiguous, cos/sin [B, T, D]."""
+    """Whether ``rope`` computes these: CUDA, one dtype, [B, H, T, D] with D even and contiguous, cos/sin
+    [B or 1, T, D]."""
     return (q.is_cuda and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.shape[-1] % 2 == 0
             and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape
             and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.stride(-1) == k.stride(-1) == 1
@@ -335,7 +336,8 @@ def _fused_apply(original: Callable) -> Callable:
     """``apply_rotary_pos_emb(q, k, cos, sin)`` through ``rope``; any other call goes to ``original``."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"} or not _rope_applies(q, k, cos, sin):
+        plain = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
+        if not plain or not _rope_applies(q, k, cos, sin):
             return original(q, k, cos, sin, *args, **kwargs)
         return rope(q, cos, sin), rope(k, cos, sin)
 
