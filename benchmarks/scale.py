@@ -7,8 +7,9 @@ Writes --rows parallel rows (a 40-word main, 4 branches of 20 words), then runs 
 `accelerate launch` (CPU, gloo) with a tiny random model and the embedded SmolLM2 tokenizer,
 --max_new_tokens 1, so the run is reading, tokenizing, sharding and writing. Per rank, from the run's
 <out>.summary.json: read, load, tokenize and shard seconds (the work before the first forward), the run
-and write seconds, and peak RSS. --fresh clears datasets' cache of the input first (a first run; without
-it a repeated run reuses the row table and the tokens).
+and write seconds, and peak RSS (when the first forward begins, and over the whole run). --fresh clears
+datasets' cache of the input first (a first run; without it a repeated run reuses the row table and
+the tokens).
 
     python benchmarks/scale.py --rows 400000 --prepare 1,2
 
@@ -187,13 +188,14 @@ def main() -> None:
     phases = json.loads(Path(f"{out}.summary.json").read_text())["phases"]
     print(f"{args.rows} rows ({rows.stat().st_size / 1e6:.0f} MB), {args.procs} processes, --num_workers "
           f"{args.num_workers}, {os.cpu_count()} CPU cores, {wall:.1f} s in all")
-    print("| rank | before the first forward s | read | load | tokenize | shard | run | gather | write | peak RSS GB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| rank | before the first forward s | read | load | tokenize | shard | run | gather | write "
+          "| peak RSS GB before the first forward | peak RSS GB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rank, p in enumerate(phases):
         before = sum(p.get(k, 0.0) for k in ("read_s", "load_s", "tokenize_s", "shard_s"))
         print(f"| {rank} | {before:.1f} | {p['read_s']:.1f} | {p['load_s']:.1f} | {p['tokenize_s']:.1f} | "
               f"{p['shard_s']:.1f} | {p['run_s']:.1f} | {p['gather_s']:.1f} | {p.get('write_s', 0.0):.1f} | "
-              f"{p['peak_rss_gb']:.2f} |")
+              f"{p.get('peak_rss_before_run_gb', float('nan')):.2f} | {p['peak_rss_gb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -341,6 +341,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     mine = distribute.shard(accelerator, np.flatnonzero(~done))
     mine = mine[np.argsort(-table.num_tokens[mine], kind="stable")]  # similar lengths together; an OOM shows early
     clock.mark("shard_s")
+    clock.phases["peak_rss_before_run_gb"] = _peak_rss_gb()  # what reading, tokenizing and sharding took
     timings = _run_rank(settings, job, accelerator, model, tokenizer, _Share(table, mine, keys), out_path)
     clock.mark("run_s")
     clock.phases.update(timings, samples=len(mine))

@@ -269,6 +269,8 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
         gc.enable()
     phases = json.loads((tmp_path / "out.jsonl.summary.json").read_text())["phases"][0]
     assert 0 < phases["start_s"] < 24 * 3600  # the process's age when the run began
+    # the peak memory when the first forward began, then over the whole run (never less)
+    assert 0 < phases["peak_rss_before_run_gb"] <= phases["peak_rss_gb"]
 
 
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
