@@ -35,20 +35,11 @@ ROWS = (8, 256, 1024, 2048, 8192)
 TILES = list(itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4)))  # BM, BN, warps, stages
 
 
-def run(x, w, b, tile):
-    import triton
+def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: tuple[int, int, int, int]) -> torch.Tensor:
+    """The invariant GEMM under one tiling."""
+    from pmaccel.invariant import linear
 
-    from pmaccel.invariant import BLOCK_K, _linear_kernel
-
-    bm, bn, warps, stages = tile
-    M, K = x.shape
-    N = w.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x, w, b if b is not None else out, out, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), HAS_BIAS=b is not None, PRECISION="tf32", BM=bm, BN=bn, BK=BLOCK_K,
-        num_warps=warps, num_stages=stages)
-    return out
+    return linear(x, w, b, tiling=tile)
 
 
 def main() -> int:

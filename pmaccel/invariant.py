@@ -192,16 +192,18 @@ if triton is not None:
                  mask=gm[:, None] & dm[None, :])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with one GEMM tiling for every shape: row i of the result depends on row i of ``x``
-    alone, bit for bit, whatever the number of rows."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           tiling: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``F.linear`` with one K blocking for every shape: row i of the result depends on row i of ``x``
+    alone, bit for bit, whatever the number of rows. ``tiling``: (rows, columns, warps, stages) per
+    program instead of ``gemm_tiling``'s choice (benchmarks compare them)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M, K = x2.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
-        bm, bn, warps, stages = gemm_tiling(M, N, x.element_size(), x.device)
+        bm, bn, warps, stages = tiling or gemm_tiling(M, N, x.element_size(), x.device)
         _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             x2, weight, bias if bias is not None else out, out, M, N, K,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
