@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from pmaccel.forward import ModelCall
-from pmaccel.invariant import invariant_mode, resolve
+from pmaccel.invariant import compile_ahead, invariant_mode, resolve
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
@@ -309,6 +309,9 @@ def _buckets(R: int) -> list[int]:
 class Engine:
     """Decodes packed samples with continuous batching; holds runners, graphs and KV memory until released.
 
+    With the batch-invariant kernels (CUDA), making the engine starts compiling them in background threads
+    (``pmaccel.invariant.compile_ahead``); its first ``run`` waits for them.
+
     Args:
         model: a causal LM (2D RoPE if patched; sdpa or eager attention).
         config: pool sizes and step options; default ``EngineConfig()``.
@@ -327,6 +330,8 @@ class Engine:
         self._runner_key: tuple | None = None
         self.stats: dict[str, float] = {}
         self._reset_stats()
+        if resolve(self.config.deterministic, self.device):
+            compile_ahead(model)  # the kernels compile in the background while the caller packs its samples
 
     def _reset_stats(self) -> None:
         self.stats = dict(steps=0, capture_s=0.0, prefill_s=0.0, decode_s=0.0, prefills=0, rows=0, lanes=0,

@@ -33,8 +33,12 @@ CPU path is batch-invariant in fp32 as it is (tested).
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -48,12 +52,15 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
+logger = logging.getLogger(__name__)
+
 INVARIANT_ATTENTION = "pmaccel_invariant"
 KEYS_KWARG = "pmaccel_keys"  # the compacted key lists of one forward, computed once for every layer
 BLOCK_K = 64  # the K block of every GEMM tiling: the order in which an output element sums its products
 # GEMM tilings (rows, columns, warps, pipeline stages): whatever the tile, an element's K products are summed
 # in blocks of BLOCK_K in one order (bit-identical results, checked on H200 by benchmarks/gemm_tiles.py)
 WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
+HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage (2-byte types only)
 BLOCK_KEYS = 64  # keys per attention block
 ROPE_HEADS = 8  # heads per RoPE program (queries and keys then share one compiled kernel)
 
@@ -154,7 +161,9 @@ if triton is not None:
         tl.store(op, lo.to(dt), mask=m)
         tl.store(op + HALF, hi.to(dt), mask=m)
 
-    @triton.jit(do_not_specialize=["B", "Q"])
+    # the key lists' strides follow the step's query count and slot count: unspecialized, one compiled kernel
+    # serves every shape (and can be compiled before the first one is known)
+    @triton.jit(do_not_specialize=["B", "Q", "sib", "siq", "scb"])
     def _attention_kernel(q, k, v, out, keys, count, scale, B, Q, G, D,
                           sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sob, soq, soh, sib, siq, scb,
                           PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
@@ -226,8 +235,13 @@ def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[in
     if tiles >= sms:
         return WIDE_TILE
     if 2 * tiles >= sms and itemsize <= 2:
-        return (*WIDE_TILE[:3], WIDE_TILE[3] + 1)
+        return HALF_WAVE_TILE
     return NARROW_TILE
+
+
+def gemm_tilings(itemsize: int) -> list[tuple[int, int, int, int]]:
+    """Every tiling ``gemm_tiling`` may choose for an element size (one compiled kernel each)."""
+    return [WIDE_TILE, NARROW_TILE] + ([HALF_WAVE_TILE] if itemsize <= 2 else [])
 
 
 _SMS: dict[int, int] = {}
@@ -510,6 +524,7 @@ def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
 
         raise PMAccelError("--deterministic on CUDA needs Triton (it ships with the CUDA builds of torch); "
                            "install torch with CUDA support or drop --deterministic", field="deterministic")
+    _wait_ahead(model)  # the checks below then find the kernels compiled
     before = model.config._attn_implementation
     model.set_attn_implementation(INVARIANT_ATTENTION)
     try:
@@ -523,3 +538,117 @@ def is_invariant(model: Any) -> bool:
     """Whether ``model`` currently runs the invariant attention (``ModelCall`` then passes the key lists)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return cfg._attn_implementation == INVARIANT_ATTENTION
+
+
+# ----------------------------------------------------------------------------- compiling ahead
+
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its kernels' compiling (a future)
+AHEAD_THREADS = 8  # most kernels compiled at once
+
+
+def compile_ahead(model: Any) -> Future | None:
+    """Start compiling the kernels ``model``'s invariant forwards launch, in background threads, and return.
+
+    Triton compiles a kernel variant on its first launch, a few hundred ms each (or loads it from its
+    cache), and the variants of a decode (three GEMM tilings with and without bias, the norms, RoPE,
+    attention) would otherwise compile one after the other on the first steps. Here each variant is
+    launched once on tiny inputs in its own thread while the caller goes on (tokenizing, say); the
+    compilers run in parallel. ``invariant_mode(model)`` waits for them on entry, so no launch from the
+    threads overlaps a forward or a graph capture. A variant missed here (other shapes or layouts) still
+    compiles on its first launch, as without this.
+
+    Args:
+        model: a transformers causal LM on a CUDA device.
+
+    Returns:
+        A future that is done when every launch is (its result: how many failed; a failure is only
+        logged); ``None`` where the kernels do not run (not CUDA, no Triton) or when this model's are
+        compiling or compiled already.
+
+    Example:
+        >>> compile_ahead(model)  # doctest: +SKIP
+        >>> tokens = tokenize(rows)  # meanwhile the kernels compile
+        >>> with invariant_mode(model): ...  # doctest: +SKIP
+    """
+    param = next(model.parameters(), None)
+    if param is None or not available() or not param.is_cuda or model in _AHEAD:
+        return None
+    threads = max(1, min(os.cpu_count() or 1, AHEAD_THREADS))
+    pool = ThreadPoolExecutor(max_workers=threads + 1, thread_name_prefix="pmaccel-compile")  # + the one below
+    future = pool.submit(_compile_all, model, param.device, pool)
+    _AHEAD[model] = future
+    return future
+
+
+def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> int:
+    """(In a thread of ``pool``.) Launch every variant, each in a thread of its own; the number that failed."""
+    with torch.cuda.device(device):
+        # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
+        # so that the first launches racing below all add to the same table
+        index = triton.runtime.driver.active.get_current_device()
+        for kernel in (_linear_kernel, _rms_norm_kernel, _rope_kernel, _attention_kernel):
+            tables = getattr(kernel, "device_caches", None)
+            if isinstance(tables, dict):
+                tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
+    futures = [pool.submit(_launch_on, device, task) for task in _ahead_tasks(model, device)]
+    pool.shutdown(wait=False)  # its threads end with their last task
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    for error in failed:
+        logger.debug("compiling a kernel ahead failed: %r", error)
+    return len(failed)
+
+
+def _wait_ahead(model: Any) -> None:
+    """Wait for ``compile_ahead(model)``'s launches, if it was called (a failure was logged there: the kernel
+    then compiles, or reports its error, on its first real launch)."""
+    future = _AHEAD.get(model)
+    if future is not None and future.exception() is not None:
+        logger.debug("compiling kernels ahead failed: %r", future.exception())
+
+
+def _launch_on(device: torch.device, task: Callable[[], Any]) -> None:
+    with torch.cuda.device(device), torch.inference_mode():
+        task()
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
+    """One launch per kernel variant the forwards of ``model`` will run, on inputs laid out as theirs are
+    (Triton specializes a kernel on its tensors' dtypes and on which integer arguments are multiples of 16)."""
+    tasks: list[Callable[[], Any]] = []
+    seen: set[tuple] = set()
+
+    def once(key: tuple, task: Callable[[], Any]) -> None:
+        if key not in seen:
+            seen.add(key)
+            tasks.append(task)
+
+    zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.device == device:
+            w, b = m.weight, m.bias
+            N, K = w.shape
+            for tiling in gemm_tilings(w.element_size()):
+                once(("linear", N % 16 == 0, K % 16 == 0, b is None, w.dtype, tiling),
+                     lambda w=w, b=b, K=K, tiling=tiling: linear(zeros(1, K, dtype=w.dtype), w, b, tiling=tiling))
+        elif type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor):
+            n = m.weight.shape[-1]
+            once(("norm", type(m), n, m.weight.dtype), lambda m=m, n=n: _fusable_norm(m) and rms_norm(
+                zeros(1, n, dtype=m.weight.dtype), m.weight, m.variance_epsilon))
+        head_dim = getattr(m, "head_dim", None)
+        q_proj, k_proj = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        if isinstance(head_dim, int) and isinstance(q_proj, torch.nn.Linear) and isinstance(k_proj, torch.nn.Linear):
+            heads, kv_heads = q_proj.out_features // head_dim, k_proj.out_features // head_dim
+            dtype = q_proj.weight.dtype
+            once(("attention", heads, kv_heads, head_dim, dtype),
+                 lambda h=heads, hk=kv_heads, d=head_dim, dt=dtype: _attention_on_zeros(h, hk, d, dt, device))
+    tasks.append(lambda: _rope_modules(model))  # RoPE's check launches the kernel with the layers' head counts
+    return tasks
+
+
+def _attention_on_zeros(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """One query over a block of keys, the query a transposed [B, T, H, D] view as the layers make it."""
+    q = torch.zeros(1, 1, heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
+    k = torch.zeros(1, kv_heads, BLOCK_KEYS, head_dim, dtype=dtype, device=device)
+    keys, count = key_lists(torch.ones(1, 1, BLOCK_KEYS, dtype=torch.bool, device=device))
+    attention(q, k, k, keys, count, head_dim**-0.5)

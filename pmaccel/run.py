@@ -325,6 +325,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     del rows  # its mapping: the pages the check read leave this process
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
+    _compile_ahead(settings, model)
     clock.mark("load_s")
     grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
     with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
@@ -445,6 +446,14 @@ def _check_model_paths(settings: Settings) -> None:
         check_model_path(settings.base_model)
     if settings.lora_path is not None:
         check_lora_path(settings.lora_path)
+
+
+def _compile_ahead(settings: Settings, model: Any) -> None:
+    """Start compiling the invariant kernels (where they run) in the background, while the rows are tokenized."""
+    from pmaccel import invariant
+
+    if invariant.resolve(settings.deterministic, next(model.parameters()).device):
+        invariant.compile_ahead(model)
 
 
 def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:

@@ -60,7 +60,7 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
     # 128 x 128 tiles: 6 for 300 rows (>= 5), 4 for 129 rows (>= 5 / 2), 2 for 3 rows
     chosen = {rows: invariant.gemm_tiling(rows, 136, x.element_size(), x.device) for rows in (300, 129, 3)}
     assert chosen[300] == invariant.WIDE_TILE and chosen[3] == invariant.NARROW_TILE
-    assert chosen[129] == (invariant.NARROW_TILE if dtype == torch.float32 else (128, 128, 8, 4))  # stage memory
+    assert chosen[129] == (invariant.NARROW_TILE if dtype == torch.float32 else invariant.HALF_WAVE_TILE)  # stage memory
     full = invariant.linear(x, w, b)
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
@@ -118,6 +118,54 @@ def test_rope_is_swapped_in_only_while_the_context_lasts():
             assert torch.equal(b[0], original(q.transpose(1, 2), q.transpose(1, 2), cos, cos, unsqueeze_dim=2)[0])
     assert modeling_qwen2.apply_rotary_pos_emb is original
     assert torch.equal(got, ref)
+
+
+def _tiny_qwen2(vocab_size: int = 100):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # GEMM shapes: q (64 x 64, bias), k/v (32 x 64, bias), o (64 x 64), gate/up (136 x 64), down (64 x 136),
+    # head (vocab x 64); 136 and 100 are not multiples of 16 (Triton compiles those apart)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_compile_ahead_launches_each_kernel_variant_once():
+    """One launch per variant a forward runs: per GEMM (by bias and which of its sizes are multiples of 16) each
+    tiling, the norm, the attention and the RoPE check; each launch runs."""
+    dev = _kernel_device()
+    model = _tiny_qwen2().to(dev)
+    tasks = invariant._ahead_tasks(model, next(model.parameters()).device)
+    # GEMM variants: q/k/v (16 | N, 16 | K, bias), o (same, no bias), gate/up and head (16 ∤ N), down (16 ∤ K);
+    # fp32: the wide and narrow tilings
+    assert len(invariant.gemm_tilings(4)) == 2 and len(tasks) == 4 * 2 + 1 + 1 + 1
+    with torch.inference_mode():
+        for task in tasks:
+            task()
+
+
+def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
+    """After compile_ahead, a whole decode (prefill, graph captures, steps) launches only compiled variants
+    (fp16: no other test compiles for it, so every variant is new here)."""
+    from pmaccel import generate
+
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("compiles CUDA kernels")
+    model = _tiny_qwen2(VOCAB).to("cuda", torch.float16)
+    kernels = (invariant._linear_kernel, invariant._rms_norm_kernel, invariant._rope_kernel,
+               invariant._attention_kernel)
+
+    def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
+        return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
+
+    before = compiled()
+    future = invariant.compile_ahead(model)
+    assert future is not None and invariant.compile_ahead(model) is None  # started once per model
+    assert future.result() == 0 and compiled() > before
+    ahead = compiled()
+    results = generate(model, _word_tokenizer(), _rows(12), max_new_tokens=6)
+    assert len(results) == 12 and compiled() == ahead
 
 
 def test_row_mean_is_the_mean_and_per_row():
