@@ -543,33 +543,7 @@ def is_invariant(model: Any) -> bool:
 # ----------------------------------------------------------------------------- compiling ahead
 
 _AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its kernels' compiling (a future)
-_STARTED: dict[str, Future] = {}  # device -> Triton starting on it
 AHEAD_THREADS = 8  # most kernels compiled at once
-
-
-def start_triton(device: torch.device | str) -> Future | None:
-    """Start Triton on ``device`` in a background thread and return: its driver, and the key of its kernel
-    cache (a hash of its own files), which the first launch of a process pays (about half a second), and
-    the device's CUDA context. Meant for while the model loads; ``compile_ahead`` waits for it.
-
-    Args:
-        device: a CUDA device with its index (``"cuda:0"``).
-
-    Returns:
-        The future of that start; ``None`` where the kernels do not run or the device has no index.
-
-    Example:
-        >>> start_triton("cuda:0")  # doctest: +SKIP
-        >>> model, tokenizer = load_model(...)  # meanwhile Triton starts  # doctest: +SKIP
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or device.index is None or not available():
-        return None
-    if str(device) not in _STARTED:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmaccel-triton")
-        _STARTED[str(device)] = pool.submit(_launch_on, device, lambda: row_mean(torch.zeros(1, 16, device=device)))
-        pool.shutdown(wait=False)
-    return _STARTED[str(device)]
 
 
 def compile_ahead(model: Any) -> Future | None:
@@ -608,7 +582,6 @@ def compile_ahead(model: Any) -> Future | None:
 
 def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> int:
     """(In a thread of ``pool``.) Launch every variant, each in a thread of its own; the number that failed."""
-    failed = [e for e in [start_triton(device).exception()] if e is not None]
     with torch.cuda.device(device):
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
         # so that the first launches racing below all add to the same table
@@ -617,15 +590,9 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
             tables = getattr(kernel, "device_caches", None)
             if isinstance(tables, dict):
                 tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
-    # the first launch alone (it loads Triton's launcher code), then the others at once
-    first, *rest = _ahead_tasks(model, device)
-    try:
-        _launch_on(device, first)
-    except Exception as e:  # noqa: BLE001  (logged below, like the others)
-        failed.append(e)
-    futures = [pool.submit(_launch_on, device, task) for task in rest]
+    futures = [pool.submit(_launch_on, device, task) for task in _ahead_tasks(model, device)]
     pool.shutdown(wait=False)  # its threads end with their last task
-    failed += [f.exception() for f in futures if f.exception() is not None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
     for error in failed:
         logger.debug("compiling a kernel ahead failed: %r", error)
     return len(failed)
@@ -675,8 +642,8 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             dtype = q_proj.weight.dtype
             once(("attention", heads, kv_heads, head_dim, dtype),
                  lambda h=heads, hk=kv_heads, d=head_dim, dt=dtype: _attention_on_zeros(h, hk, d, dt, device))
-    # RoPE's check launches the kernel with the layers' head counts; first: the quickest to compile
-    return [lambda: _rope_modules(model), *tasks]
+    tasks.append(lambda: _rope_modules(model))  # RoPE's check launches the kernel with the layers' head counts
+    return tasks
 
 
 def _attention_on_zeros(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:

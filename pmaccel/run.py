@@ -325,6 +325,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     del rows  # its mapping: the pages the check read leave this process
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
+    _compile_ahead(settings, model)
     clock.mark("load_s")
     grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
     with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
@@ -447,26 +448,27 @@ def _check_model_paths(settings: Settings) -> None:
         check_lora_path(settings.lora_path)
 
 
-def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
+def _compile_ahead(settings: Settings, model: Any) -> None:
+    """Start compiling the invariant kernels (where they run) in the background, while the rows are tokenized."""
     from pmaccel import invariant
+
+    if invariant.resolve(settings.deterministic, next(model.parameters()).device):
+        invariant.compile_ahead(model)
+
+
+def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
     from pmaccel.model import load_model
 
     device = accelerator.device if settings.device == "auto" else settings.device
-    kernels = invariant.resolve(settings.deterministic, device)
-    if kernels:
-        invariant.start_triton(device)  # Triton (and the CUDA context) start while the weights load
     if settings.base_model is None:
         from pmaccel.embedded import embedded_model_dir
 
         with accelerator.main_process_first():  # the embedded model is converted once, by the main process
             embedded_model_dir()
     # every rank loads at the same time (one after the other, N ranks took N times as long)
-    model, tokenizer = load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
-                                  rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope,
-                                  dtype=settings.dtype, device=device)
-    if kernels:
-        invariant.compile_ahead(model)  # the kernels compile while the rows are tokenized
-    return model, tokenizer
+    return load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
+                      rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope, dtype=settings.dtype,
+                      device=device)
 
 
 class _Keys:

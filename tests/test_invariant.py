@@ -145,15 +145,6 @@ def test_compile_ahead_launches_each_kernel_variant_once():
             task()
 
 
-def test_start_triton_once_per_device_and_only_on_cuda():
-    assert invariant.start_triton("cpu") is None and invariant.start_triton("cuda") is None  # no index: no start
-    if not invariant.available():
-        assert invariant.start_triton("cuda:0") is None
-        return
-    started = invariant.start_triton("cuda:0")
-    assert started is not None and started.result() is None and invariant.start_triton("cuda:0") is started
-
-
 def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
     """After compile_ahead, a whole decode (prefill, graph captures, steps) launches only compiled variants
     (fp16: no other test compiles for it, so every variant is new here)."""
