@@ -189,13 +189,15 @@ def main() -> None:
     print(f"{args.rows} rows ({rows.stat().st_size / 1e6:.0f} MB), {args.procs} processes, --num_workers "
           f"{args.num_workers}, {os.cpu_count()} CPU cores, {wall:.1f} s in all")
     print("| rank | before the first forward s | read | load | tokenize | shard | run | gather | write "
-          "| peak RSS GB before the first forward | peak RSS GB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak RSS GB before the first forward | of which own / mapped files then | peak RSS GB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rank, p in enumerate(phases):
         before = sum(p.get(k, 0.0) for k in ("read_s", "load_s", "tokenize_s", "shard_s"))
         print(f"| {rank} | {before:.1f} | {p['read_s']:.1f} | {p['load_s']:.1f} | {p['tokenize_s']:.1f} | "
               f"{p['shard_s']:.1f} | {p['run_s']:.1f} | {p['gather_s']:.1f} | {p.get('write_s', 0.0):.1f} | "
-              f"{p.get('peak_rss_before_run_gb', float('nan')):.2f} | {p['peak_rss_gb']:.2f} |")
+              f"{p.get('peak_rss_before_run_gb', float('nan')):.2f} | "
+              f"{p.get('rss_anon_before_run_gb', float('nan')):.2f} / {p.get('rss_file_before_run_gb', float('nan')):.2f} | "
+              f"{p['peak_rss_gb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,9 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
     assert 0 < phases["start_s"] < 24 * 3600  # the process's age when the run began
     # the peak memory when the first forward began, then over the whole run (never less)
     assert 0 < phases["peak_rss_before_run_gb"] <= phases["peak_rss_gb"]
+    if sys.platform == "linux":  # what was resident then, in two parts: never more than the peak so far
+        anon, files = phases["rss_anon_before_run_gb"], phases["rss_file_before_run_gb"]
+        assert 0 < anon and 0 < files and anon + files <= phases["peak_rss_before_run_gb"] + 0.002
 
 
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
