@@ -1,13 +1,16 @@
 """Where a run's wall clock goes: sample the main thread's Python stack every few milliseconds.
 
     python benchmarks/stack_sampler.py OUT.json -m pmaccel --base_model DIR --data_path rows.jsonl ...
+    python benchmarks/stack_sampler.py --threads OUT.json -m pmaccel ...   # the other threads too
 
 Runs the module as ``python -m`` would, while a thread reads the main thread's stack every
 ``--interval`` seconds (``sys._current_frames``). Unlike a tracing profiler it slows nothing down and
 counts waiting as time: a frame that waits for the GPU (``.tolist()`` after the queued steps) shows
 as long as it waits, so host work on the critical path and device-bound time separate. Seconds are
 estimated as samples x (wall / samples). Prints the pmaccel frames by inclusive time; OUT.json keeps
-the inclusive and leaf counts, the most frequent stacks, and a coarse timeline.
+the inclusive and leaf counts, the most frequent stacks, and a coarse timeline. With ``--threads``,
+every other Python thread is sampled at the same moments, its inclusive counts kept under its name
+(``threads`` in OUT.json; e.g. the kernel compiles of ``pmaccel.invariant.compile_ahead``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,23 @@ def _name(frame) -> str:
     return f"{path}:{code.co_name}"
 
 
+def _chain(frame) -> list[str]:
+    """The frame's stack, innermost first."""
+    chain = []
+    while frame is not None:
+        chain.append(_name(frame))
+        frame = frame.f_back
+    return chain
+
+
 def main() -> int:
     args = sys.argv[1:]
-    interval = 0.005
-    if args[:1] == ["--interval"]:
-        interval, args = float(args[1]), args[2:]
+    interval, all_threads = 0.005, False
+    while args[:1] in (["--interval"], ["--threads"]):
+        if args[0] == "--threads":
+            all_threads, args = True, args[1:]
+        else:
+            interval, args = float(args[1]), args[2:]
     if len(args) < 3 or args[1] != "-m":
         print(__doc__, file=sys.stderr)
         return 2
@@ -44,19 +59,24 @@ def main() -> int:
     main_thread = threading.get_ident()
     inclusive, leaf, stacks = collections.Counter(), collections.Counter(), collections.Counter()
     timeline: list[tuple[float, str]] = []
+    others: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # thread -> inclusive
     taken, stop = [0], threading.Event()
     start = time.perf_counter()
 
     def sample() -> None:
+        me = threading.get_ident()
         while not stop.wait(interval):
-            frame = sys._current_frames().get(main_thread)
+            frames = sys._current_frames()
+            if all_threads:
+                names = {t.ident: t.name for t in threading.enumerate()}
+                for ident, other in frames.items():
+                    if ident not in (main_thread, me):
+                        others[names.get(ident, str(ident))].update(set(_chain(other)))
+            frame = frames.get(main_thread)
             if frame is None:
                 continue
             taken[0] += 1
-            chain = []
-            while frame is not None:
-                chain.append(_name(frame))
-                frame = frame.f_back
+            chain = _chain(frame)
             inclusive.update(set(chain))
             leaf[chain[0]] += 1
             own = [c for c in chain if c.startswith("pmaccel/")]
@@ -79,7 +99,8 @@ def main() -> int:
         with open(out, "w") as f:
             json.dump({"wall_s": wall, "samples": taken[0], "seconds_per_sample": per,
                        "inclusive": inclusive.most_common(300), "leaf": leaf.most_common(100),
-                       "stacks": stacks.most_common(200), "timeline": timeline}, f, indent=0)
+                       "stacks": stacks.most_common(200), "timeline": timeline,
+                       "threads": {name: counts.most_common(100) for name, counts in others.items()}}, f, indent=0)
         print(f"\n{taken[0]} samples over {wall:.1f} s; pmaccel frames by inclusive seconds:", file=sys.stderr)
         for name, n in inclusive.most_common():
             if name.startswith("pmaccel/") and n * per >= 0.1:
