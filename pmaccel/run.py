@@ -325,12 +325,18 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     del rows  # its mapping: the pages the check read leave this process
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
-    _compile_ahead(settings, model)
+    # the kernels compile in threads while the rows are tokenized; with worker processes, which are forked and
+    # do not mix with threads (a lock a thread holds stays held in the child), once those are done
+    forks = settings.num_workers > 1
+    if not forks:
+        _compile_ahead(settings, model)
     clock.mark("load_s")
     grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
     with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
         tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings),
                                count_name=job.kind, lists_as_json=lists_as_json, num_workers=settings.num_workers)
+    if forks:
+        _compile_ahead(settings, model)
     table, skipped = group_samples(RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped)
     del valid, tokens  # the samples' table holds fresh mappings of both
     _collect_from_here()
@@ -466,7 +472,7 @@ def _check_model_paths(settings: Settings) -> None:
 
 
 def _compile_ahead(settings: Settings, model: Any) -> None:
-    """Start compiling the invariant kernels (where they run) in the background, while the rows are tokenized."""
+    """Start compiling the invariant kernels (where they run) in background threads (``invariant.compile_ahead``)."""
     from pmaccel import invariant
 
     if invariant.resolve(settings.deterministic, next(model.parameters()).device):

@@ -228,6 +228,22 @@ def test_two_runs_on_one_output_take_turns(tiny, tmp_path):
 # ----------------------------------------------------------------------------- start-up
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kernels_compile_ahead_while_tokenizing_unless_workers_are_forked(tiny, tmp_path, monkeypatch, workers):
+    """The GPU kernels start compiling in threads once the weights are loaded, so that the tokenizing overlaps
+    them; with tokenizing processes (forked: a lock one of those threads holds would stay held in them), after."""
+    import pmaccel.run
+
+    order = []
+    tokenize = pmaccel.run.tokenize_rows
+    monkeypatch.setattr(pmaccel.run, "tokenize_rows", lambda *a, **k: (order.append("tokenize"), tokenize(*a, **k))[1])
+    monkeypatch.setattr(pmaccel.run, "_compile_ahead", lambda settings, model: order.append("compile ahead"))
+    data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
+    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl"),
+                 "--max_new_tokens", "2", "--num_workers", str(workers)]) == 0
+    assert order == (["compile ahead", "tokenize"] if workers < 2 else ["tokenize", "compile ahead"])
+
+
 def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tmp_path, monkeypatch):
     """The CLI's start-up (imports, weights, rows) runs with the garbage collector off; once loaded, one
     collection, then what is alive is frozen and the collector is back on. A bad input leaves it on too."""
