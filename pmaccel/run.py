@@ -349,7 +349,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     mine = mine[np.argsort(-table.num_tokens[mine], kind="stable")]  # similar lengths together; an OOM shows early
     clock.mark("shard_s")
     clock.phases["peak_rss_before_run_gb"] = _peak_rss_gb()  # what reading, tokenizing and sharding took
-    clock.phases.update(_rss_parts_gb("before_run"))  # and what is resident now: the process's own, or mapped files
+    clock.phases.update(_resident_now_gb())  # and what is resident now: the process's own, or mapped files
     timings = _run_rank(settings, job, accelerator, model, tokenizer, _Share(table, mine, keys), out_path)
     clock.mark("run_s")
     clock.phases.update(timings, samples=len(mine))
@@ -411,10 +411,11 @@ def _peak_rss_gb() -> float:
     return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 3)
 
 
-def _rss_parts_gb(when: str) -> dict[str, float]:
-    """This process's resident memory now, in GB, in two parts (Linux; nothing elsewhere): its own
-    (``rss_anon_<when>_gb``: heap, arrays) and mapped files' pages (``rss_file_<when>_gb``: the Arrow
-    tables, libraries), which are page cache the ranks share and the system can take back."""
+def _resident_now_gb() -> dict[str, float]:
+    """This process's resident memory when its first forward begins, in GB, in two parts (Linux; nothing
+    elsewhere): its own (``rss_anon_before_run_gb``: heap, arrays) and mapped files' pages
+    (``rss_file_before_run_gb``: the Arrow tables, libraries), page cache the ranks share and the system can
+    take back."""
     try:
         with open("/proc/self/status") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
@@ -423,8 +424,8 @@ def _rss_parts_gb(when: str) -> dict[str, float]:
         return {}
     if "RssAnon" not in kib:
         return {}
-    return {f"rss_anon_{when}_gb": round(kib["RssAnon"] / 1e6, 3),
-            f"rss_file_{when}_gb": round((kib.get("RssFile", 0) + kib.get("RssShmem", 0)) / 1e6, 3)}
+    return {"rss_anon_before_run_gb": round(kib["RssAnon"] / 1e6, 3),
+            "rss_file_before_run_gb": round((kib.get("RssFile", 0) + kib.get("RssShmem", 0)) / 1e6, 3)}
 
 
 class _Phases:
