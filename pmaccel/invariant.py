@@ -582,6 +582,12 @@ def compile_ahead(model: Any) -> Future | None:
 
 def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> int:
     """(In a thread of ``pool``.) Launch every variant, each in a thread of its own; the number that failed."""
+    # Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library,
+    # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: computed
+    # here once, before the launches below look their kernels up in parallel (each thread hashed them again)
+    cache_key = getattr(getattr(triton.runtime, "cache", None), "triton_key", None)
+    if cache_key is not None:
+        cache_key()
     with torch.cuda.device(device):
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
         # so that the first launches racing below all add to the same table

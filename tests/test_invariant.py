@@ -159,10 +159,13 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
     def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
         return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
 
+    triton_key = invariant.triton.runtime.cache.triton_key  # Triton's hash of its files, the key of its cache
+    triton_key.cache_clear()
     before = compiled()
     future = invariant.compile_ahead(model)
     assert future is not None and invariant.compile_ahead(model) is None  # started once per model
     assert future.result() == 0 and compiled() > before
+    assert triton_key.cache_info().misses == 1  # hashed once, not by each compiling thread at the same time
     ahead = compiled()
     results = generate(model, _word_tokenizer(), _rows(12), max_new_tokens=6)
     assert len(results) == 12 and compiled() == ahead
