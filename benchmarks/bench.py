@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     for wname in [x for x in args.workloads.split(",") if x]:
         w = WORKLOADS[wname]
         samples = make_samples(w, vocab)
-        for who in [f"pmaccel-{m}" for m in args.masks.split(",")] + args.baselines.split(","):
+        for who in [f"pmaccel-{m}" for m in args.masks.split(",") if m] + [b for b in args.baselines.split(",") if b]:
             record(wname, who, samples, w, args.repeats)
     for n in [int(x) for x in args.sweep.split(",") if x]:
         w = WORKLOADS["W1"]

@@ -1,13 +1,16 @@
 """The invariant GEMM's tilings against cuBLAS, per weight shape and row count (CUDA only).
 
     python benchmarks/gemm_tiles.py --model 0.5b --json gemm.json
+    python benchmarks/gemm_tiles.py --graph --tiles small --rows 8,32,128,512,2048   # as a decode step runs
 
 For every weight shape of the model (q/k/v/o, gate/up, down, the output head) and a range of row counts,
 times ``pmaccel.invariant``'s GEMM kernel under each candidate tiling (rows x columns per program, warps,
 pipeline stages; the K block stays 64, so every tiling sums a product's terms in the same order) and
 ``F.linear`` (cuBLAS), and checks that each tiling's output is bit-identical to the wide tiling's and
 that a row's result does not depend on how many rows share the call. Prints, per shape and row count,
-the tiling ``pmaccel.invariant.gemm_tiling`` chooses and the fastest bit-identical one.
+the tiling ``pmaccel.invariant.gemm_tiling`` chooses and the fastest bit-identical one. With ``--graph``
+each launch is timed replayed from a CUDA graph, over 24 copies of the weight (a step's layers: no host
+cost, no weight kept hot in L2), which is how a decode step runs them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ SHAPES = {  # (N, K, has_bias) of each linear layer, by model
 }
 ROWS = (8, 256, 1024, 2048, 8192)
 TILES = list(itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4)))  # BM, BN, warps, stages
+# few rows (a decode step's tail, one sample's branches): narrow column blocks, so that more programs stream
+# the weights; the tilings pmaccel uses besides
+SMALL_TILES = [*itertools.product((16, 64), (16, 32, 64), (4,), (3, 4, 6)), (128, 128, 8, 3), (128, 128, 8, 4)]
+LAYERS = 24  # weight copies a graph walks through, as a step's layers do (not one weight hot in L2)
 
 
 def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: tuple[int, int, int, int]) -> torch.Tensor:
@@ -46,9 +53,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="0.5b", choices=sorted(SHAPES))
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
+    p.add_argument("--tiles", choices=("all", "small"), default="all",
+                   help="small: the narrow tilings for few rows (and the chosen ones)")
+    p.add_argument("--graph", action="store_true",
+                   help=f"time each launch replayed from a CUDA graph over {LAYERS} weight copies, as a step runs")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from triton.testing import do_bench
+    tiles = SMALL_TILES if args.tiles == "small" else TILES
 
     from pmaccel.invariant import WIDE_TILE, gemm_tiling
 
@@ -62,12 +73,13 @@ def main() -> int:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K**-0.5
         b = torch.randn(N, device=dev, dtype=torch.bfloat16) if has_bias else None
         xs = torch.randn(max(rows), K, device=dev, dtype=torch.bfloat16)
+        copies = [w] + [w.clone() for _ in range(0 if name == "head" or not args.graph else LAYERS - 1)]
         for M in rows:
             x = xs[:M]
             ref = run(x, w, b, default)
-            cublas = do_bench(functools.partial(F.linear, x, w, b), warmup=5, rep=25)
+            cublas = bench(F.linear, x, copies, b, args.graph)
             times, same = {}, {}
-            for tile in TILES:
+            for tile in tiles:
                 try:
                     y = run(x, w, b, tile)
                 except Exception as e:  # noqa: BLE001  (a tiling this card cannot run: out of resources)
@@ -75,7 +87,7 @@ def main() -> int:
                     same[str(tile)] = repr(e)[:80]
                     continue
                 same[str(tile)] = bool(torch.equal(y, ref)) and bool(torch.equal(run(x[:3], w, b, tile), ref[:3]))
-                times[str(tile)] = do_bench(functools.partial(run, x, w, b, tile), warmup=5, rep=25)
+                times[str(tile)] = bench(functools.partial(run, tile=tile), x, copies, b, args.graph)
             ok = {t: v for t, v in times.items() if v is not None and same[t] is True}
             best = min(ok, key=ok.get)
             chosen = str(gemm_tiling(M, N, x.element_size(), x.device))
@@ -89,6 +101,32 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def bench(fn, x: torch.Tensor, weights: list[torch.Tensor], b: torch.Tensor | None, graph: bool) -> float:
+    """Milliseconds per ``fn(x, w, b)``: Triton's ``do_bench`` on the first weight, or replayed from a graph."""
+    if not graph:
+        from triton.testing import do_bench
+
+        return do_bench(functools.partial(fn, x, weights[0], b), warmup=5, rep=25)
+    return graph_ms(lambda: [fn(x, w, b) for w in weights], len(weights))
+
+
+def graph_ms(fn, launches: int, replays: int = 20) -> float:
+    """Milliseconds per launch of ``fn``'s ``launches`` GEMMs, captured once and replayed (no host cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (replays * launches)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ BLOCK_K = 64  # the K block of every GEMM tiling: the order in which an output e
 # in blocks of BLOCK_K in one order (bit-identical results, checked on H200 by benchmarks/gemm_tiles.py)
 WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
 HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage (2-byte types only)
+DEEP_NARROW_TILE = (64, 64, 4, 6)  # the narrow tile with two more stages (2-byte types: their stages fit)
+SKINNY_TILE = (64, 16, 4, 6)  # few rows of a narrow weight: four times the programs of the narrow tile
 BLOCK_KEYS = 64  # keys per attention block
 ROPE_HEADS = 8  # heads per RoPE program (queries and keys then share one compiled kernel)
 
@@ -225,23 +227,41 @@ def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[in
     """The tiling of an [M, K] x [K, N] GEMM: (rows, columns, warps, stages) per program.
 
     Wide 128 x 128 tiles while they fill every multiprocessor at least once; where they fill half of them
-    or more, the same tiles with one more pipeline stage (2-byte types: the stage's shared memory fits);
-    below that, 64 x 64 tiles (four times the programs). Measured on H200 over the Qwen2.5-0.5B weight
-    shapes (benchmarks/gemm_tiles.py): a decode step's GEMMs take 8 % (2,048 rows) to 31 % (8 rows) less
-    time than with the wide tiling alone; the K block, and so every result bit, stays the same.
+    or more, the same tiles with one more pipeline stage (2-byte types: the stage's shared memory fits).
+    Below that, or for 64 rows or fewer (a wide tile would compute rows that are not there), 64 x 64 tiles
+    while they fill half the multiprocessors (with two more stages for 2-byte types), else 64 x 16 tiles:
+    a few rows of a narrow weight (a decode step's tail, one sample's branches) then read it with four
+    times the programs. Measured on H200 over the Qwen2.5-0.5B weight shapes, each launch replayed from a
+    CUDA graph (``benchmarks/gemm_tiles.py --graph``): at 8 to 128 rows the MLP's down projection takes
+    13 us instead of 23 us, q/o 3.8-4.4 us instead of 5.5-6.3 us. The K block, and so every result bit,
+    stays the same.
     """
-    tiles = triton.cdiv(M, WIDE_TILE[0]) * triton.cdiv(N, WIDE_TILE[1])
     sms = _multiprocessors(device)
-    if tiles >= sms:
-        return WIDE_TILE
-    if 2 * tiles >= sms and itemsize <= 2:
-        return HALF_WAVE_TILE
-    return NARROW_TILE
+    if M > NARROW_TILE[0]:
+        tiles = triton.cdiv(M, WIDE_TILE[0]) * triton.cdiv(N, WIDE_TILE[1])
+        if tiles >= sms:
+            return WIDE_TILE
+        if 2 * tiles >= sms and itemsize <= 2:
+            return HALF_WAVE_TILE
+    if 2 * triton.cdiv(M, NARROW_TILE[0]) * triton.cdiv(N, NARROW_TILE[1]) >= sms:
+        return DEEP_NARROW_TILE if itemsize <= 2 else NARROW_TILE
+    return SKINNY_TILE
 
 
-def gemm_tilings(itemsize: int) -> list[tuple[int, int, int, int]]:
-    """Every tiling ``gemm_tiling`` may choose for an element size (one compiled kernel each)."""
-    return [WIDE_TILE, NARROW_TILE] + ([HALF_WAVE_TILE] if itemsize <= 2 else [])
+def gemm_tilings(itemsize: int, N: int | None = None,
+                 device: torch.device | None = None) -> list[tuple[int, int, int, int]]:
+    """Every tiling ``gemm_tiling`` may choose for an element size (one compiled kernel each); given a
+    weight's ``N`` and its device, only those it chooses for some row count of that weight there."""
+    if N is None or device is None:
+        narrow = [DEEP_NARROW_TILE, HALF_WAVE_TILE] if itemsize <= 2 else [NARROW_TILE]
+        return [WIDE_TILE, *narrow, SKINNY_TILE]
+    chosen, M = [], 1  # the choice depends on M through whole 64-row blocks only, and ends at the wide tile
+    while not chosen or chosen[-1] != WIDE_TILE:
+        tiling = gemm_tiling(M, N, itemsize, device)
+        if tiling not in chosen:
+            chosen.append(tiling)
+        M += NARROW_TILE[0]
+    return chosen
 
 
 _SMS: dict[int, int] = {}
@@ -550,7 +570,7 @@ def compile_ahead(model: Any) -> Future | None:
     """Start compiling the kernels ``model``'s invariant forwards launch, in background threads, and return.
 
     Triton compiles a kernel variant on its first launch, a few hundred ms each (or loads it from its
-    cache), and the variants of a decode (three GEMM tilings with and without bias, the norms, RoPE,
+    cache), and the variants of a decode (the GEMM tilings with and without bias, the norms, RoPE,
     attention) would otherwise compile one after the other on the first steps. Here each variant is
     launched once on tiny inputs in its own thread while the caller goes on (tokenizing, say); the
     compilers run in parallel. ``invariant_mode(model)`` waits for them on entry, so no launch from the
@@ -634,7 +654,7 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
         if isinstance(m, torch.nn.Linear) and m.weight.device == device:
             w, b = m.weight, m.bias
             N, K = w.shape
-            for tiling in gemm_tilings(w.element_size()):
+            for tiling in gemm_tilings(w.element_size(), N, device):
                 once(("linear", N % 16 == 0, K % 16 == 0, b is None, w.dtype, tiling),
                      lambda w=w, b=b, K=K, tiling=tiling: linear(zeros(1, K, dtype=w.dtype), w, b, tiling=tiling))
         elif type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor):

@@ -52,20 +52,29 @@ def test_linear_rows_do_not_depend_on_the_other_rows(dtype):
 def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
     """The tiling follows the grid (few multiprocessors here: every tiling in one test); a row's bits do not."""
     dev = _kernel_device(dtype)
-    monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 5)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(300, 160, generator=g).to(dev, dtype)
     w = torch.randn(136, 160, generator=g).to(dev, dtype)
     b = torch.randn(136, generator=g).to(dev, dtype)
-    # 128 x 128 tiles: 6 for 300 rows (>= 5), 4 for 129 rows (>= 5 / 2), 2 for 3 rows
-    chosen = {rows: invariant.gemm_tiling(rows, 136, x.element_size(), x.device) for rows in (300, 129, 3)}
-    assert chosen[300] == invariant.WIDE_TILE and chosen[3] == invariant.NARROW_TILE
-    assert chosen[129] == (invariant.NARROW_TILE if dtype == torch.float32 else invariant.HALF_WAVE_TILE)  # stage memory
-    full = invariant.linear(x, w, b)
+    half = dtype != torch.float32  # 2-byte types: the deeper pipelines fit in shared memory
+    narrow = invariant.DEEP_NARROW_TILE if half else invariant.NARROW_TILE
+    # 128 x 128 tiles: 6 for 300 rows, 4 for 129; 64 x 64 tiles: 15 for 300 rows, 9 for 129, 3 for 3
+    expect = {5: {300: invariant.WIDE_TILE, 129: invariant.HALF_WAVE_TILE if half else narrow, 3: narrow},
+              11: {300: invariant.HALF_WAVE_TILE if half else narrow, 129: narrow, 3: invariant.SKINNY_TILE}}
+    seen = set()
+    full = None
+    for sms, chosen in expect.items():
+        monkeypatch.setattr(invariant, "_multiprocessors", lambda device, sms=sms: sms)
+        assert {rows: invariant.gemm_tiling(rows, 136, x.element_size(), x.device) for rows in chosen} == chosen
+        assert set(chosen.values()) <= set(invariant.gemm_tilings(x.element_size(), 136, x.device))
+        seen |= set(chosen.values())
+        full = invariant.linear(x, w, b) if full is None else full
+        for rows in (list(range(100, 229)), [7, 8, 9], [299]):
+            assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
+        assert torch.equal(invariant.linear(x, w, b), full)
+    assert seen == set(invariant.gemm_tilings(x.element_size()))  # every tiling there is, in one test
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
-    for rows in (list(range(100, 229)), [7, 8, 9], [299]):
-        assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -131,15 +140,18 @@ def _tiny_qwen2(vocab_size: int = 100):
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def test_compile_ahead_launches_each_kernel_variant_once():
+def test_compile_ahead_launches_each_kernel_variant_once(monkeypatch):
     """One launch per variant a forward runs: per GEMM (by bias and which of its sizes are multiples of 16) each
     tiling, the norm, the attention and the RoPE check; each launch runs."""
     dev = _kernel_device()
+    monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 1)  # as Triton's interpreter has it
     model = _tiny_qwen2().to(dev)
     tasks = invariant._ahead_tasks(model, next(model.parameters()).device)
     # GEMM variants: q/k/v (16 | N, 16 | K, bias), o (same, no bias), gate/up and head (16 ∤ N), down (16 ∤ K);
-    # fp32: the wide and narrow tilings
-    assert len(invariant.gemm_tilings(4)) == 2 and len(tasks) == 4 * 2 + 1 + 1 + 1
+    # each the tilings chosen for its N (with one multiprocessor: the wide and the narrow tiling)
+    assert all(invariant.gemm_tilings(4, n, model.device) == [invariant.NARROW_TILE, invariant.WIDE_TILE]
+               for n in (32, 64, 136, 100))
+    assert len(tasks) == 4 * 2 + 1 + 1 + 1
     with torch.inference_mode():
         for task in tasks:
             task()
