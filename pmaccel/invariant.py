@@ -238,12 +238,12 @@ def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[in
     """
     sms = _multiprocessors(device)
     if M > NARROW_TILE[0]:
-        tiles = triton.cdiv(M, WIDE_TILE[0]) * triton.cdiv(N, WIDE_TILE[1])
+        tiles = -(-M // WIDE_TILE[0]) * -(-N // WIDE_TILE[1])
         if tiles >= sms:
             return WIDE_TILE
         if 2 * tiles >= sms and itemsize <= 2:
             return HALF_WAVE_TILE
-    if 2 * triton.cdiv(M, NARROW_TILE[0]) * triton.cdiv(N, NARROW_TILE[1]) >= sms:
+    if 2 * -(-M // NARROW_TILE[0]) * -(-N // NARROW_TILE[1]) >= sms:
         return DEEP_NARROW_TILE if itemsize <= 2 else NARROW_TILE
     return SKINNY_TILE
 

@@ -68,13 +68,29 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
         assert {rows: invariant.gemm_tiling(rows, 136, x.element_size(), x.device) for rows in chosen} == chosen
         assert set(chosen.values()) <= set(invariant.gemm_tilings(x.element_size(), 136, x.device))
         seen |= set(chosen.values())
-        full = invariant.linear(x, w, b) if full is None else full
+        got = invariant.linear(x, w, b)
+        full = got if full is None else full
+        assert torch.equal(got, full)  # the second grid's tilings give the first one's bits
         for rows in (list(range(100, 229)), [7, 8, 9], [299]):
             assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
-        assert torch.equal(invariant.linear(x, w, b), full)
     assert seen == set(invariant.gemm_tilings(x.element_size()))  # every tiling there is, in one test
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, monkeypatch):
+    """``gemm_tilings(itemsize, N, device)`` (what compile_ahead compiles) against every row count up to where
+    the wide tile is chosen for good, for the 0.5B model's weight widths on an H200-sized grid."""
+    monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 132)
+    dev = torch.device("cuda")  # only its multiprocessor count is asked for (patched above)
+    for N in (128, 896, 4864, 151936, 100):
+        every = {invariant.gemm_tiling(M, N, itemsize, dev) for M in range(1, 132 * 128 + 2)}
+        assert set(invariant.gemm_tilings(itemsize, N, dev)) == every
+        assert invariant.gemm_tiling(132 * 128 + 1, N, itemsize, dev) == invariant.WIDE_TILE
+        assert every <= set(invariant.gemm_tilings(itemsize))
+    assert invariant.gemm_tiling(8, 896, itemsize, dev) == invariant.SKINNY_TILE  # 14 narrow tiles: a few rows
+    assert invariant.gemm_tiling(64, 151936, itemsize, dev) != invariant.WIDE_TILE  # no 128-row tile for 64 rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
