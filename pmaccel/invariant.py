@@ -605,8 +605,7 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
     # Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library,
     # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: computed
     # here once, before the launches below look their kernels up in parallel (each thread hashed them again)
-    cache_key = getattr(getattr(triton.runtime, "cache", None), "triton_key", None)
-    if cache_key is not None:
+    if (cache_key := _triton_cache_key()) is not None:
         cache_key()
     with torch.cuda.device(device):
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
@@ -622,6 +621,14 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
     for error in failed:
         logger.debug("compiling a kernel ahead failed: %r", error)
     return len(failed)
+
+
+def _triton_cache_key() -> Callable[[], str] | None:
+    """Triton's function for the hash of its own files (the key of its kernel cache), wherever this version has it."""
+    for module in (getattr(triton.runtime, "cache", None), getattr(triton.compiler, "compiler", None)):
+        if callable(key := getattr(module, "triton_key", None)):
+            return key
+    return None
 
 
 def _wait_ahead(model: Any) -> None:

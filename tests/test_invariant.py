@@ -187,7 +187,8 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
     def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
         return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
 
-    triton_key = invariant.triton.runtime.cache.triton_key  # Triton's hash of its files, the key of its cache
+    triton_key = invariant._triton_cache_key()  # Triton's hash of its files, the key of its cache
+    assert triton_key is not None
     triton_key.cache_clear()
     before = compiled()
     future = invariant.compile_ahead(model)
