@@ -27,6 +27,11 @@ run: every run is a fresh subprocess (wall clock around it, logs in <workdir>/lo
     caches (HOME, XDG_CACHE_HOME, PMACCEL_CACHE, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR point at a fresh
     directory of the workdir; HF_HUB_OFFLINE=1), then "repeat" with those caches warm. Every other run gets
     fresh caches too.
+Against another commit (an A/B in one go):
+    python benchmarks/e2e.py --runs idiom,pmaccel --twice pmaccel --rounds 2 --against /tmp/base
+    where /tmp/base holds the other commit's package (git archive BASE pmaccel | tar -x -C /tmp/base): each of
+    pmaccel's runs is followed by the same run of that package, --rounds times over, and each output file is
+    compared with this checkout's byte for byte; the idiom runs once.
 Reported per run: wall seconds, generated tokens (read from the output file; a branch's tokens stop before
 its first eos id), tokens/s, speed-up over idiom with the same GPU count (idiom wall / wall), the fraction of
 branch outputs identical to idiom's (all but pmaccel_patch, whose 2D RoPE changes the outputs; bf16 on GPU
@@ -87,10 +92,13 @@ class Job:
     out: Path
     cache_dir: Path
     result: dict = field(default_factory=dict)
+    engine: str = ""  # "": this checkout's pmaccel; else the --against directory's
+    round: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.run}-g{self.gpus}-{self.cache}"
+        tags = ([f"round{self.round}"] if self.round > 1 else []) + (["against"] if self.engine else [])
+        return "-".join([self.run, f"g{self.gpus}", self.cache, *tags])
 
 
 def resolved_dtype(args: argparse.Namespace) -> str:
@@ -201,18 +209,26 @@ def command(run: str, gpus: int, out: Path, args: argparse.Namespace) -> list[st
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
-    """Every job, in order: per GPU count, per run, first then repeat."""
+    """Every job, in order: per GPU count, per run, first then repeat. pmaccel's runs are repeated
+    ``--rounds`` times, and with ``--against`` each is followed by the same run of that directory's
+    pmaccel (interleaved, so that a drift of the machine reaches both alike); the idiom's run once."""
     work = Path(args.workdir)
     twice = set(split(args.twice))
+    engines = [""] + ([str(Path(args.against).resolve())] if args.against else [])
     jobs = []
     for gpus in [int(g) for g in split(args.gpus)]:
         for run in split(args.runs):
             if run not in RUNS:
                 raise SystemExit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
-            cache_dir = work / "caches" / f"{run}-g{gpus}"
-            for cache in ("first", "repeat") if run in twice else ("first",):
-                out = work / "out" / f"{run}-g{gpus}-{cache}" / "out.jsonl"
-                jobs.append(Job(run, gpus, cache, command(run, gpus, out, args), out, cache_dir))
+            ours = run.startswith("pmaccel")
+            for rnd in range(1, (args.rounds if ours else 1) + 1):
+                for engine in engines if ours else [""]:
+                    for cache in ("first", "repeat") if run in twice else ("first",):
+                        job = Job(run, gpus, cache, [], Path(), Path(), engine=engine, round=rnd)
+                        job.cache_dir = work / "caches" / job.name.replace(f"-{cache}", "")
+                        job.out = work / "out" / job.name / "out.jsonl"
+                        job.cmd = command(run, gpus, job.out, args)
+                        jobs.append(job)
     return jobs
 
 
@@ -221,11 +237,15 @@ def split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def environment(cache_dir: Path) -> dict[str, str]:
-    """This process's environment with every compile cache (and HOME) inside ``cache_dir``."""
-    return dict(os.environ, HOME=str(cache_dir / "home"), XDG_CACHE_HOME=str(cache_dir / "xdg"),
+def environment(cache_dir: Path, engine: str = "") -> dict[str, str]:
+    """This process's environment with every compile cache (and HOME) inside ``cache_dir``; with ``engine`` (a
+    directory holding another pmaccel package) first on PYTHONPATH."""
+    env = dict(os.environ, HOME=str(cache_dir / "home"), XDG_CACHE_HOME=str(cache_dir / "xdg"),
                PMACCEL_CACHE=str(cache_dir / "pmaccel"), TORCHINDUCTOR_CACHE_DIR=str(cache_dir / "inductor"),
                TRITON_CACHE_DIR=str(cache_dir / "triton"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if engine:
+        env["PYTHONPATH"] = os.pathsep.join([engine, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
 def execute(job: Job, timeout: float, logs: Path) -> None:
@@ -240,8 +260,9 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
     print(f"\n[{job.name}] {shlex.join(job.cmd)}", flush=True)
     with stdout.open("w") as o, stderr.open("w") as e:
         t = time.perf_counter()
-        proc = subprocess.Popen(job.cmd, stdout=o, stderr=e, env=environment(job.cache_dir),
-                                cwd=HERE.parent, start_new_session=True)
+        # `python -m` puts the working directory first on the path: the other engine's runs start in its own
+        proc = subprocess.Popen(job.cmd, stdout=o, stderr=e, env=environment(job.cache_dir, job.engine),
+                                cwd=job.engine or HERE.parent, start_new_session=True)
         timed_out = False
         try:
             rc = proc.wait(timeout=timeout)
@@ -250,7 +271,8 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
             rc, timed_out = proc.wait(), True
         wall = time.perf_counter() - t
     job.result = dict(run=job.run, gpus=job.gpus, cache=job.cache, cmd=shlex.join(job.cmd), rc=rc,
-                      timed_out=timed_out, wall_s=wall, stdout=str(stdout), stderr=str(stderr), out=str(job.out))
+                      timed_out=timed_out, wall_s=wall, stdout=str(stdout), stderr=str(stderr), out=str(job.out),
+                      engine=job.engine or "this checkout", round=job.round)
     rows = read_jsonl(job.out) if rc == 0 and not timed_out else None
     if timed_out:
         job.result["error"] = f"timed out after {timeout:.0f} s"
@@ -350,6 +372,16 @@ def compare(jobs: list[Job], model_dir: Path) -> None:
         job.result["agree_branches"] = [same, total]
 
 
+def compare_engines(jobs: list[Job]) -> None:
+    """Per run of the --against engine, whether its output file is byte for byte this checkout's of the same
+    run, GPU count, cache and round."""
+    ours = {(j.run, j.gpus, j.cache, j.round): j for j in jobs if not j.engine and "error" not in j.result}
+    for job in jobs:
+        twin = ours.get((job.run, job.gpus, job.cache, job.round))
+        if job.engine and twin is not None and "error" not in job.result:
+            job.result["same_output"] = job.out.read_bytes() == twin.out.read_bytes()
+
+
 def finish(jobs: list[Job]) -> None:
     """Speed-up over idiom (same GPU count) by wall clock and by tokens/s."""
     idiom = {j.gpus: j.result for j in jobs if j.run == "idiom" and "gen_tokens" in j.result}
@@ -401,7 +433,11 @@ def table(results: list[dict]) -> str:
                 phases += f" · outside the ranks {r['outside_ranks_s']:.2f}"
             cells = [f"{r['wall_s']:.1f}", str(r["gen_tokens"]), f"{r['tok_s']:.0f}",
                      "–" if x is None else f"{x:.2f}", "–" if agree is None else f"{agree:.1%}", phases]
-        lines.append("| " + " | ".join([r["run"], str(r["gpus"]), r["cache"], *cells]) + " |")
+        tags = ([f"round {r['round']}"] if r.get("round", 1) > 1 else []) + (
+            ["against" + {True: ", same output", False: ", **other output**"}.get(r.get("same_output"), "")]
+            if r.get("engine", "this checkout") != "this checkout" else [])
+        run = r["run"] + (f" ({'; '.join(tags)})" if tags else "")
+        lines.append("| " + " | ".join([run, str(r["gpus"]), r["cache"], *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -429,8 +465,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto (each process's accelerator device) or cpu")
     ap.add_argument("--pmaccel_args", default="", help="extra pmaccel flags, one shell-quoted string")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess before it is killed")
+    ap.add_argument("--rounds", type=int, default=1, help="run pmaccel's runs this many times")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="also run pmaccel's runs with the pmaccel package in DIR (another commit: DIR/pmaccel), "
+                         "each right after this checkout's, and compare the output files byte for byte")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.against and not (Path(args.against) / "pmaccel" / "__init__.py").is_file():
+        ap.error(f"--against {args.against}: no pmaccel package there (give the directory that holds pmaccel/)")
+    if args.rounds < 1:
+        ap.error("--rounds must be 1 or more")
 
     work = Path(args.workdir)
     prepare(args)
@@ -444,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         execute(job, args.timeout, work / "logs")
         save(paths, head, args, jobs)
     compare(jobs, work / "model")
+    compare_engines(jobs)
     finish(jobs)
     save(paths, head, args, jobs)
     print("\n" + table([j.result for j in jobs]))

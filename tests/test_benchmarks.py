@@ -39,3 +39,47 @@ def test_stack_sampler_samples_the_other_threads_by_name(tmp_path):
     helper = {name.rsplit(":", 1)[1]: n * found["seconds_per_sample"] for name, n in found["threads"]["helper-0"]}
     assert 0.3 < helper["compiles"] < 2  # its own time, not the main thread's
     assert not any(name.endswith(":compiles") for name, _ in found["inclusive"])
+
+
+def test_e2e_against_another_package_runs_it_from_its_directory_and_compares_the_outputs(tmp_path, tiny):
+    """``e2e.py --against DIR`` runs each pmaccel run again with DIR's package (here a copy that says so on
+    stderr), right after this checkout's, and records whether the two output files are byte-identical."""
+    import shutil
+
+    against = tmp_path / "against"
+    shutil.copytree(ROOT / "pmaccel", against / "pmaccel", ignore=shutil.ignore_patterns("__pycache__"))
+    cli = against / "pmaccel" / "cli.py"
+    cli.write_text(cli.read_text() + "\nsys.stderr.write('pmaccel from the other directory\\n')\n")
+    assert "\nimport sys\n" in cli.read_text()
+    results = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--arch", "tiny", "--rows", "6", "--max_new_tokens",
+         "4", "--device", "cpu", "--gpus", "1", "--runs", "pmaccel", "--twice", "none", "--against", str(against),
+         "--tokenizer", str(tiny), "--workdir", str(tmp_path / "work"), "--json", str(results)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ours, theirs = json.loads(results.read_text())["results"]
+    assert ours["engine"] == "this checkout" and theirs["engine"] == str(against.resolve())
+    assert theirs["same_output"] is True and "same_output" not in ours
+    assert "other directory" in Path(theirs["stderr"]).read_text()
+    assert "other directory" not in Path(ours["stderr"]).read_text()
+    assert "| pmaccel (against, same output) | 1 | first |" in done.stdout
+
+
+def test_e2e_says_when_the_other_package_wrote_another_output(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    jobs = []
+    for engine, text in (("", "a\n"), ("/elsewhere", "b\n"), ("/elsewhere", "a\n")):
+        out = tmp_path / f"{len(jobs)}.jsonl"
+        out.write_text(text)
+        jobs.append(e2e.Job("pmaccel", 1, "first", [], out, tmp_path, engine=engine, round=len(jobs)))
+    jobs[2].round = jobs[0].round  # the third is the first's twin; the second has none
+    e2e.compare_engines(jobs)
+    assert jobs[2].result["same_output"] is True and "same_output" not in jobs[1].result
+    jobs[1].round = jobs[0].round
+    e2e.compare_engines(jobs)
+    assert jobs[1].result["same_output"] is False
