@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--against {args.against}: no pmaccel package there (give the directory that holds pmaccel/)")
     if args.rounds < 1:
         ap.error("--rounds must be 1 or more")
+    args.workdir = str(Path(args.workdir).resolve())  # the --against runs start in another directory
 
     work = Path(args.workdir)
     prepare(args)
