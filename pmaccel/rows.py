@@ -32,7 +32,7 @@ READ_SHARD_BYTES = 32 << 20  # a JSON-lines file is read in byte ranges of about
 READ_SHARD_ROWS = 200_000  # rows of a parquet/csv/arrow table per reading task
 WRITE_BATCH_ROWS = 10_000  # rows per record batch of the row table: opening a mapping reads every batch's header
 TAKE_CHUNK = 4096  # samples materialised at a time when a whole table is iterated
-REMAP_ROWS = 65536  # rows read through a memory-mapped table before it is mapped afresh (bounds RSS)
+REMAP_ROWS = 16384  # rows read through a memory-mapped table before it is mapped afresh (bounds RSS; 2 ms a time)
 
 
 def example_path() -> Path:

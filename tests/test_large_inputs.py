@@ -188,6 +188,25 @@ def test_max_samples_and_skipped_rows_as_before(tmp_path):
 # ----------------------------------------------------------------------------- no rank holds every result
 
 
+def test_a_table_read_through_is_mapped_afresh_every_remap_rows_with_the_same_rows(tmp_path, monkeypatch):
+    """A view reading through its rows maps the table again each REMAP_ROWS rows (what a process has read
+    then leaves its resident memory), strided reads as a resume's share does them included; the rows are
+    the ones a fresh reading gives."""
+    rows = generated_rows(100, seed=3)
+    table = load_rows(write_jsonl(tmp_path / "rows.jsonl", rows))
+    valid, skipped = table.check("raise")
+    assert not skipped
+    monkeypatch.setattr(pmaccel.rows, "REMAP_ROWS", 16)
+    remaps = []
+    real = pmaccel.rows.remapped
+    monkeypatch.setattr(pmaccel.rows, "remapped", lambda data: remaps.append(len(data)) or real(data))
+    view = pmaccel.rows.RowsView(valid)
+    strided = [p for k in range(4) for p in range(k, 100, 4)]  # 25 rows from each quarter of the table
+    got = [row for start in range(0, 100, 8) for row in view.take(strided[start:start + 8])]
+    assert len(remaps) == 6  # once more than 16 rows were read since the last: at 24, 40, 56, 72, 88 and 100
+    assert [row.fields for row in got] == [rows[p] for p in strided]
+
+
 def test_a_rank_never_holds_the_full_result_set(tiny, tmp_path, monkeypatch):
     """Many small samples on 2 processes without a shared disk: each rank materialises its own samples only, a
     chunk at a time; results reach the main process only, a chunk at a time; no collective carries them all."""
