@@ -351,7 +351,9 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
     kinds = np.asarray(kinds, dtype=bool)
     counts = np.asarray(counts, dtype=np.int64)
     branches = np.where(kinds, np.diff(offsets), nbr[positions[offsets[:-1]]] if len(positions) else 0)
-    samples = SampleTable(path=path, rows=rows, tokens=remapped(tokens), offsets=offsets, positions=positions,
+    # the token table as it is: its columns were read above with plain reads, not through its mapping, and a
+    # new mapping beside the caller's would hold both mappings' pages at once (the peak of a 4M-row run)
+    samples = SampleTable(path=path, rows=rows, tokens=tokens, offsets=offsets, positions=positions,
                           num_tokens=counts.astype(np.int32), num_branches=branches.astype(np.int32), flat=kinds)
     more = []
     if found:
