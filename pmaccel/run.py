@@ -338,7 +338,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     if forks:
         _compile_ahead(settings, model)
     table, skipped = group_samples(RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped)
-    del valid, tokens  # the samples' table holds fresh mappings of both
+    del valid, tokens  # the samples' table holds a fresh mapping of the rows and this one of the tokens
     _collect_from_here()
     param = next(model.parameters())
     keys = _Keys(settings, job, runtime=f"{param.dtype}@{param.device.type}")
