@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=128, help="with --e2e_dir")
     ap.add_argument("--no_deterministic", action="store_true", help="the default kernels, not the invariant ones")
     ap.add_argument("--prefill", action="store_true", help="with --e2e_dir: profile prefill, not the step")
+    ap.add_argument("--live", action="store_true",
+                    help="profile a whole warm run, kernels per step (an empty pool's step attends to no keys)")
     args = ap.parse_args()
     deterministic = False if args.no_deterministic else None
     if args.e2e_dir:
@@ -59,6 +61,15 @@ def main() -> None:
         samples = make_samples(w, model.config.vocab_size)
         engine = Engine(model, EngineConfig(max_rows=len(samples), deterministic=deterministic))
         pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
+        if args.live:
+            before = engine.stats["steps"]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
+                torch.cuda.synchronize()
+            steps = int(engine.stats["steps"] - before)
+            print_kernels(prof, f"kernels of a whole run ({steps} steps and the prefill), per step", args.rows,
+                          per=steps, unit="ms/step", scale=1e3)
+            return
     runner = engine.runner  # kept after the run: its pool is empty, so a step costs what a full one does
     if args.e2e_dir and args.prefill:
         profile_prefill(args, engine, tok, rows)

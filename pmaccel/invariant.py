@@ -17,8 +17,10 @@ kernels with one fixed reduction order whatever the shapes:
                       every norm module that computes transformers' Llama-style RMSNorm (checked once
                       per class against the module's own forward)
     attention         per query, over the ordered list of the keys it may see (the mask compacted):
-                      the sum runs in fixed blocks of that list, so it depends neither on the other
-                      rows nor on where the keys sit in the KV memory (gaps, padding, slot count)
+                      the sum runs in fixed chunks and blocks of that list, merged in order, so it
+                      depends neither on the other rows nor on where the keys sit in the KV memory
+                      (gaps, padding, slot count), nor on whether the chunks ran in one program or
+                      each in its own (a decode step of few queries over long lists)
 
 Everything else in a decoder is elementwise or per row already. The last property makes a branch of a
 packed sample under the isolated mask compute exactly what it computes decoded alone (``--compare``).
@@ -64,6 +66,7 @@ HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage 
 DEEP_NARROW_TILE = (64, 64, 4, 6)  # the narrow tile with two more stages (2-byte types: their stages fit)
 SKINNY_TILE = (64, 16, 4, 6)  # few rows of a narrow weight: four times the programs of the narrow tile
 BLOCK_KEYS = 64  # keys per attention block
+KEY_CHUNK = 256  # keys per attention chunk: a query's list is summed chunk by chunk, then the chunks merged
 ROPE_HEADS = 8  # heads per RoPE program (queries and keys then share one compiled kernel)
 
 
@@ -163,12 +166,49 @@ if triton is not None:
         tl.store(op, lo.to(dt), mask=m)
         tl.store(op + HALF, hi.to(dt), mask=m)
 
+    # One query's attention over part of its key list, and the merge of two such parts: shared by the kernels
+    # below, so that a list attended in one program or split over several sums in the same order, bit for bit.
+    @triton.jit
+    def _attend_chunk(qt, k, v, keys, scale, start, stop, kbase, vbase, skh_hk, svh_hk, sks, svs, d, dm,
+                      PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        # keys[start:stop] (a chunk of the list), in blocks of BS -> (running max, sum of exp, weighted values)
+        m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BG,), dtype=tl.float32)
+        acc = tl.zeros((BG, BD), dtype=tl.float32)
+        for j0 in range(start, stop, BS):
+            j = j0 + tl.arange(0, BS)
+            jm = j < stop
+            slot = tl.load(keys + j, mask=jm, other=0)
+            kt = tl.load(k + kbase + skh_hk + slot[None, :] * sks + d[:, None], mask=jm[None, :] & dm[:, None],
+                         other=0.0)  # [BD, BS]
+            s = tl.dot(qt, kt, input_precision=PRECISION) * scale  # [BG, BS]
+            s = tl.where(jm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v + vbase + svh_hk + slot[:, None] * svs + d[None, :], mask=jm[:, None] & dm[None, :],
+                         other=0.0)  # [BS, BD]
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _merge_chunk(m, total, acc, m_c, l_c, acc_c):
+        # the running (max, sum, values) of the chunks before, and the next chunk's: exact for an empty start
+        m_new = tl.maximum(m, m_c)
+        a = tl.exp(m - m_new)
+        b = tl.exp(m_c - m_new)
+        return m_new, total * a + l_c * b, acc * a[:, None] + acc_c * b[:, None]
+
     # the key lists' strides follow the step's query count and slot count: unspecialized, one compiled kernel
     # serves every shape (and can be compiled before the first one is known)
     @triton.jit(do_not_specialize=["B", "Q", "sib", "siq", "scb"])
     def _attention_kernel(q, k, v, out, keys, count, scale, B, Q, G, D,
                           sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sob, soq, soh, sib, siq, scb,
-                          PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+                          PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                          CHUNK: tl.constexpr):
+        # one program per (query, row, KV head): the list's chunks one after the other
         qi = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: a large KV memory passes 2**31 elements
         hk = tl.program_id(2)
@@ -179,28 +219,68 @@ if triton is not None:
         dm = d < D
         qt = tl.load(q + b * sqb + heads[:, None] * sqh + qi * sqq + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
         n = tl.load(count + b * scb + qi)
-        m_i = tl.full((BG,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BG,), dtype=tl.float32)
+        m = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BG,), dtype=tl.float32)
         acc = tl.zeros((BG, BD), dtype=tl.float32)
-        for j0 in range(0, n, BS):
-            j = j0 + tl.arange(0, BS)
-            jm = j < n
-            slot = tl.load(keys + b * sib + qi * siq + j, mask=jm, other=0)
-            kt = tl.load(k + b * skb + hk * skh + slot[None, :] * sks + d[:, None], mask=jm[None, :] & dm[:, None],
-                         other=0.0)  # [BD, BS]
-            s = tl.dot(qt, kt, input_precision=PRECISION) * scale  # [BG, BS]
-            s = tl.where(jm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v + b * svb + hk * svh + slot[:, None] * svs + d[None, :], mask=jm[:, None] & dm[None, :],
-                         other=0.0)  # [BS, BD]
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
-        o = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        for c0 in range(0, n, CHUNK):
+            m_c, l_c, acc_c = _attend_chunk(qt, k, v, keys + b * sib + qi * siq, scale, c0, tl.minimum(c0 + CHUNK, n),
+                                            b * skb, b * svb, hk * skh, hk * svh, sks, svs, d, dm,
+                                            PRECISION, BG, BS, BD)
+            m, total, acc = _merge_chunk(m, total, acc, m_c, l_c, acc_c)
+        o = tl.where(total[:, None] > 0, acc / total[:, None], 0.0)
         tl.store(out + b * sob + qi * soq + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty),
                  mask=gm[:, None] & dm[None, :])
+
+    @triton.jit(do_not_specialize=["B", "Q", "sib", "siq", "scb", "CHUNKS"])
+    def _attention_chunks_kernel(q, k, v, part_m, part_l, part_acc, keys, count, scale, B, Q, G, D,
+                                 sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sib, siq, scb, CHUNKS,
+                                 PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                                 CHUNK: tl.constexpr):
+        # one program per (query, row, KV head x chunk): that chunk's part, merged by _attention_merge_kernel
+        qi = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        hk = tl.program_id(2) // CHUNKS
+        c = tl.program_id(2) % CHUNKS
+        n = tl.load(count + b * scb + qi)
+        if c * CHUNK < n:
+            g = tl.arange(0, BG)
+            d = tl.arange(0, BD)
+            heads = hk * G + g
+            gm = g < G
+            dm = d < D
+            qt = tl.load(q + b * sqb + heads[:, None] * sqh + qi * sqq + d[None, :], mask=gm[:, None] & dm[None, :],
+                         other=0.0)
+            m_c, l_c, acc_c = _attend_chunk(qt, k, v, keys + b * sib + qi * siq, scale, c * CHUNK,
+                                            tl.minimum(c * CHUNK + CHUNK, n), b * skb, b * svb, hk * skh, hk * svh,
+                                            sks, svs, d, dm, PRECISION, BG, BS, BD)
+            at = ((b * Q + qi) * tl.num_programs(2) + tl.program_id(2)) * BG  # part_* [B, Q, H_kv * CHUNKS, BG(, BD)]
+            tl.store(part_m + at + g, m_c)
+            tl.store(part_l + at + g, l_c)
+            tl.store(part_acc + (at + g[:, None]) * BD + d[None, :], acc_c)
+
+    @triton.jit(do_not_specialize=["B", "Q", "scb", "CHUNKS"])
+    def _attention_merge_kernel(part_m, part_l, part_acc, out, count, B, Q, G, D, sob, soq, soh, scb, CHUNKS,
+                                BG: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr):
+        qi = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        hk = tl.program_id(2)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, BD)
+        heads = hk * G + g
+        n = tl.load(count + b * scb + qi)
+        m = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BG,), dtype=tl.float32)
+        acc = tl.zeros((BG, BD), dtype=tl.float32)
+        for c in range(0, tl.cdiv(n, CHUNK)):
+            at = ((b * Q + qi) * (tl.num_programs(2) * CHUNKS) + hk * CHUNKS + c) * BG
+            m, total, acc = _merge_chunk(m, total, acc, tl.load(part_m + at + g), tl.load(part_l + at + g),
+                                     tl.load(part_acc + (at + g[:, None]) * BD + d[None, :]))
+        o = tl.where(total[:, None] > 0, acc / total[:, None], 0.0)
+        tl.store(out + b * sob + qi * soq + heads[:, None] * soh + d[None, :], o.to(out.dtype.element_ty),
+                 mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+ATTENTION_KERNELS = (_attention_kernel, _attention_chunks_kernel, _attention_merge_kernel) if triton is not None else ()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -459,23 +539,47 @@ def key_lists(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-              scale: float) -> torch.Tensor:
+              scale: float, *, split: bool | None = None) -> torch.Tensor:
     """Each query over its own key list. query [B, H, Q, D]; key/value [B, H_kv, S, D]; keys [B, Q, >=n]
     and count [B, Q] from ``key_lists`` -> [B, Q, H, D]. The G query heads that share a KV head are one
-    program (no K/V copy per head)."""
+    program (no K/V copy per head).
+
+    A list is summed in chunks of ``KEY_CHUNK`` keys, each chunk in blocks of ``BLOCK_KEYS``, the chunks then
+    merged in order. Few queries over long lists (a decode step of one sample: a program per query and KV
+    head leaves most multiprocessors idle) run each chunk in a program of its own and merge them in a second
+    launch; otherwise one program runs a query's chunks one after the other. Both sum in the same order, so
+    the choice (``split``; ``None``: by the grid and the list length) changes no bit.
+    """
     B, H, Q, D = query.shape
     h_kv = key.shape[1]
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(B, Q, H, D, dtype=query.dtype, device=query.device)
     G = H // h_kv
-    if B and Q:
+    if not (B and Q):
+        return out
+    chunks = triton.cdiv(keys.shape[-1], KEY_CHUNK)
+    if split is None:
+        split = chunks > 1 and B * Q * h_kv < _multiprocessors(query.device)
+    BG, BD = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    qkv_strides = (query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+                   value.stride(0), value.stride(1), value.stride(2))
+    if not split:
         _attention_kernel[(Q, B, h_kv)](
-            query, key, value, out, keys, count, scale, B, Q, G, D,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            keys.stride(0), keys.stride(1), count.stride(0),
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            BG=max(16, triton.next_power_of_2(G)), BS=BLOCK_KEYS, BD=max(16, triton.next_power_of_2(D)), num_warps=4)
+            query, key, value, out, keys, count, scale, B, Q, G, D, *qkv_strides,
+            out.stride(0), out.stride(1), out.stride(2), keys.stride(0), keys.stride(1), count.stride(0),
+            PRECISION=precision, BG=BG, BS=BLOCK_KEYS, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
+        return out
+    part_m = torch.empty(B, Q, h_kv * chunks, BG, dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(B, Q, h_kv * chunks, BG, BD, dtype=torch.float32, device=query.device)
+    _attention_chunks_kernel[(Q, B, h_kv * chunks)](
+        query, key, value, part_m, part_l, part_acc, keys, count, scale, B, Q, G, D, *qkv_strides,
+        keys.stride(0), keys.stride(1), count.stride(0), chunks,
+        PRECISION=precision, BG=BG, BS=BLOCK_KEYS, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
+    _attention_merge_kernel[(Q, B, h_kv)](
+        part_m, part_l, part_acc, out, count, B, Q, G, D, out.stride(0), out.stride(1), out.stride(2),
+        count.stride(0), chunks, BG=BG, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -611,7 +715,7 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
         # so that the first launches racing below all add to the same table
         index = triton.runtime.driver.active.get_current_device()
-        for kernel in (_linear_kernel, _rms_norm_kernel, _rope_kernel, _attention_kernel):
+        for kernel in (_linear_kernel, _rms_norm_kernel, _rope_kernel, *ATTENTION_KERNELS):
             tables = getattr(kernel, "device_caches", None)
             if isinstance(tables, dict):
                 tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
@@ -680,8 +784,10 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
 
 
 def _attention_on_zeros(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """One query over a block of keys, the query a transposed [B, T, H, D] view as the layers make it."""
+    """One query over a block of keys, the query a transposed [B, T, H, D] view as the layers make it; in one
+    program, then split over chunks (the two kernels of a long list)."""
     q = torch.zeros(1, 1, heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
     k = torch.zeros(1, kv_heads, BLOCK_KEYS, head_dim, dtype=dtype, device=device)
     keys, count = key_lists(torch.ones(1, 1, BLOCK_KEYS, dtype=torch.bool, device=device))
-    attention(q, k, k, keys, count, head_dim**-0.5)
+    for split in (False, True):
+        attention(q, k, k, keys, count, head_dim**-0.5, split=split)

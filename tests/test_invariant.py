@@ -182,7 +182,7 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
         pytest.skip("compiles CUDA kernels")
     model = _tiny_qwen2(VOCAB).to("cuda", torch.float16)
     kernels = (invariant._linear_kernel, invariant._rms_norm_kernel, invariant._rope_kernel,
-               invariant._attention_kernel)
+               *invariant.ATTENTION_KERNELS)
 
     def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
         return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
@@ -241,18 +241,20 @@ def test_only_llama_style_norms_are_fused_and_only_while_the_context_lasts():
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_attention_depends_only_on_the_keys_a_query_sees():
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_depends_only_on_the_keys_a_query_sees(split):
     """The same query over the same ordered keys: alone in a compact KV memory, or in a batch whose
-    memory has the keys at other slots, with gaps and more slots -> the same bits; close to sdpa."""
+    memory has the keys at other slots, with gaps and more slots -> the same bits, whether each list's chunks
+    run in one program or each in its own (``split``); close to sdpa."""
     dev = _kernel_device()
     g = torch.Generator().manual_seed(2)
-    H, H_kv, D, n = 6, 2, 32, 150
+    H, H_kv, D, n = 6, 2, 32, 2 * invariant.KEY_CHUNK + 150  # three chunks, the last one partly full
     q = torch.randn(1, H, 1, D, generator=g).to(dev)
     k = torch.randn(1, H_kv, n, D, generator=g).to(dev)
     v = torch.randn(1, H_kv, n, D, generator=g).to(dev)
     alone = invariant.attention(q, k, v, *invariant.key_lists(torch.ones(1, 1, n, dtype=torch.bool, device=dev)),
-                                D**-0.5)
-    S = 500
+                                D**-0.5, split=not split)
+    S = 1500
     slots = torch.sort(torch.randperm(S, generator=g)[:n]).values.to(dev)  # the same keys, in order, with gaps
     big_k = torch.randn(3, H_kv, S, D, generator=g).to(dev)
     big_v = torch.randn(3, H_kv, S, D, generator=g).to(dev)
@@ -260,13 +262,19 @@ def test_attention_depends_only_on_the_keys_a_query_sees():
     seen = torch.rand(3, 4, S, generator=g).to(dev) < 0.5
     seen[1, 2] = False
     seen[1, 2, slots] = True
+    seen[2, 1] = False  # a query that sees nothing: zeros
     big_q = torch.randn(3, H, 4, D, generator=g).to(dev)
     big_q[1, :, 2] = q[0, :, 0]
-    got = invariant.attention(big_q, big_k, big_v, *invariant.key_lists(seen), D**-0.5)  # [3, 4, H, D]
+    got = invariant.attention(big_q, big_k, big_v, *invariant.key_lists(seen), D**-0.5, split=split)  # [3, 4, H, D]
     assert torch.equal(got[1, 2], alone[0, 0])
+    assert not got[2, 1].any()
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // H_kv, 1), v.repeat_interleave(H // H_kv, 1))
     assert torch.allclose(alone[0, 0], ref[0, :, 0], atol=1e-5)
+    ref = torch.nn.functional.scaled_dot_product_attention(  # every query of the batch
+        big_q, big_k.repeat_interleave(H // H_kv, 1), big_v.repeat_interleave(H // H_kv, 1),
+        attn_mask=seen[:, None])
+    assert torch.allclose(got[seen.any(-1)], ref.transpose(1, 2)[seen.any(-1)], atol=1e-5)
 
 
 def test_key_lists_compact_the_mask_in_slot_order():
