@@ -65,8 +65,13 @@ WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
 HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage (2-byte types only)
 DEEP_NARROW_TILE = (64, 64, 4, 6)  # the narrow tile with two more stages (2-byte types: their stages fit)
 SKINNY_TILE = (64, 16, 4, 6)  # few rows of a narrow weight: four times the programs of the narrow tile
-BLOCK_KEYS = 64  # keys per attention block
-KEY_CHUNK = 256  # keys per attention chunk: a query's list is summed chunk by chunk, then the chunks merged
+KEY_CHUNK = 512  # keys per attention chunk: a query's list is summed chunk by chunk, then the chunks merged
+# keys per block (the chunk's inner sum), keys per chunk, warps, pipeline stages; 4-byte types take half the keys
+# per block, so that two stages of K and V blocks fit in the shared memory of smaller cards. On H200, bf16, the
+# Qwen2.5-0.5B attention (benchmarks/attention_tiles.py): 128-key blocks in 512-key chunks took 25 % less time
+# per decode step than 64-key blocks in 256-key chunks, with 256 rows x 8 lanes and with 128 x 4
+ATTENTION_BLOCKS = {2: (128, KEY_CHUNK, 4, 2), 4: (64, KEY_CHUNK, 4, 2)}  # by element size
+BLOCK_KEYS = 64  # keys of the list compile_ahead launches the attention kernels over
 ROPE_HEADS = 8  # heads per RoPE program (queries and keys then share one compiled kernel)
 
 
@@ -539,16 +544,18 @@ def key_lists(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-              scale: float, *, split: bool | None = None) -> torch.Tensor:
+              scale: float, *, split: bool | None = None,
+              blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Each query over its own key list. query [B, H, Q, D]; key/value [B, H_kv, S, D]; keys [B, Q, >=n]
     and count [B, Q] from ``key_lists`` -> [B, Q, H, D]. The G query heads that share a KV head are one
     program (no K/V copy per head).
 
-    A list is summed in chunks of ``KEY_CHUNK`` keys, each chunk in blocks of ``BLOCK_KEYS``, the chunks then
+    A list is summed in chunks of ``KEY_CHUNK`` keys, each chunk in blocks (``ATTENTION_BLOCKS``), the chunks then
     merged in order. Few queries over long lists (a decode step of one sample: a program per query and KV
     head leaves most multiprocessors idle) run each chunk in a program of its own and merge them in a second
     launch; otherwise one program runs a query's chunks one after the other. Both sum in the same order, so
-    the choice (``split``; ``None``: by the grid and the list length) changes no bit.
+    the choice (``split``; ``None``: by the grid and the list length) changes no bit. ``blocks``: (keys per
+    block, keys per chunk, warps, stages) instead of the defaults (benchmarks compare them; other bits).
     """
     B, H, Q, D = query.shape
     h_kv = key.shape[1]
@@ -557,7 +564,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
     G = H // h_kv
     if not (B and Q):
         return out
-    chunks = triton.cdiv(keys.shape[-1], KEY_CHUNK)
+    bs, chunk, warps, stages = blocks or ATTENTION_BLOCKS[min(4, max(2, query.element_size()))]
+    chunks = triton.cdiv(keys.shape[-1], chunk)
     if split is None:
         split = chunks > 1 and B * Q * h_kv < _multiprocessors(query.device)
     BG, BD = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
@@ -568,7 +576,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
         _attention_kernel[(Q, B, h_kv)](
             query, key, value, out, keys, count, scale, B, Q, G, D, *qkv_strides,
             out.stride(0), out.stride(1), out.stride(2), keys.stride(0), keys.stride(1), count.stride(0),
-            PRECISION=precision, BG=BG, BS=BLOCK_KEYS, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
+            PRECISION=precision, BG=BG, BS=bs, BD=BD, CHUNK=chunk, num_warps=warps, num_stages=stages,
+            enable_fp_fusion=False)
         return out
     part_m = torch.empty(B, Q, h_kv * chunks, BG, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
@@ -576,10 +585,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
     _attention_chunks_kernel[(Q, B, h_kv * chunks)](
         query, key, value, part_m, part_l, part_acc, keys, count, scale, B, Q, G, D, *qkv_strides,
         keys.stride(0), keys.stride(1), count.stride(0), chunks,
-        PRECISION=precision, BG=BG, BS=BLOCK_KEYS, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
+        PRECISION=precision, BG=BG, BS=bs, BD=BD, CHUNK=chunk, num_warps=warps, num_stages=stages,
+        enable_fp_fusion=False)
     _attention_merge_kernel[(Q, B, h_kv)](
         part_m, part_l, part_acc, out, count, B, Q, G, D, out.stride(0), out.stride(1), out.stride(2),
-        count.stride(0), chunks, BG=BG, BD=BD, CHUNK=KEY_CHUNK, num_warps=4, enable_fp_fusion=False)
+        count.stride(0), chunks, BG=BG, BD=BD, CHUNK=chunk, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
     return out
 
 
@@ -595,10 +605,11 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, _, Q, D = query.shape
+    scale = D**-0.5 if scaling is None else scaling
     lists = kwargs.get(KEYS_KWARG)
     if lists is None or tuple(lists[1].shape) != (B, Q):
         lists = key_lists(attention_mask[:, 0] == 0)
-    return attention(query, key, value, *lists, D**-0.5 if scaling is None else scaling), None
+    return attention(query, key, value, *lists, scale), None
 
 
 AttentionInterface.register(INVARIANT_ATTENTION, invariant_attention)
