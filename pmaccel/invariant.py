@@ -35,18 +35,23 @@ CPU path is batch-invariant in fp32 as it is (tested).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
+
+from pmaccel.embedded import cache_root
 
 try:
     import triton
@@ -718,10 +723,15 @@ def compile_ahead(model: Any) -> Future | None:
 def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> int:
     """(In a thread of ``pool``.) Launch every variant, each in a thread of its own; the number that failed."""
     # Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library,
-    # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: computed
-    # here once, before the launches below look their kernels up in parallel (each thread hashed them again)
-    if (cache_key := _triton_cache_key()) is not None:
-        cache_key()
+    # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: settled here
+    # once, before the launches below look their kernels up in parallel (each thread hashed them again), and
+    # read from pmaccel's cache while Triton's files are those it was computed from
+    if (module := _triton_key_module()) is not None:
+        try:
+            remember_triton_key(module, os.path.dirname(triton.__file__), cache_root() / "triton_key.json")
+        except Exception as e:  # noqa: BLE001  (an unexpected Triton layout: it computes its key as it would)
+            logger.debug("remembering Triton's cache key failed: %r", e)
+            module.triton_key()
     with torch.cuda.device(device):
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
         # so that the first launches racing below all add to the same table
@@ -738,12 +748,74 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
     return len(failed)
 
 
-def _triton_cache_key() -> Callable[[], str] | None:
-    """Triton's function for the hash of its own files (the key of its kernel cache), wherever this version has it."""
+def _triton_key_module() -> Any | None:
+    """The module of Triton's function for the hash of its own files (``triton_key``: the key of its kernel cache),
+    wherever this version has it."""
     for module in (getattr(triton.runtime, "cache", None), getattr(triton.compiler, "compiler", None)):
-        if callable(key := getattr(module, "triton_key", None)):
-            return key
+        if callable(getattr(module, "triton_key", None)):
+            return module
     return None
+
+
+def remember_triton_key(module: Any, root: str | os.PathLike[str], store: str | os.PathLike[str]) -> str:
+    """``module.triton_key()``, read from ``store`` while the files under ``root`` are unchanged since it was
+    stored there, else computed and stored; ``module.triton_key`` then returns it without hashing.
+
+    Triton hashes its sources and its half-gigabyte library in every process before its first kernel compile
+    or cache lookup (0.3-0.7 s on the critical path of a short run). Triton's own worker processes are handed
+    the parent's key the same way (their ``triton_key`` replaced by a function returning it). The stamp is
+    every Python file and shared library under ``root`` (path, size, modification time) and the version: an
+    upgrade or an edit of Triton computes the key afresh.
+
+    Args:
+        module: the module whose ``triton_key`` Triton's cache lookups call.
+        root: Triton's package directory.
+        store: the JSON file that keeps the key and its stamp (written atomically; unwritable: not kept).
+
+    Example:
+        >>> remember_triton_key(triton.runtime.cache, os.path.dirname(triton.__file__),  # doctest: +SKIP
+        ...                     cache_root() / "triton_key.json")
+    """
+    compute = module.triton_key
+    if getattr(compute, "pmaccel_remembered", False):
+        return compute()
+    stamp = _files_stamp(root)
+    store = Path(store)
+    try:
+        stored = json.loads(store.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and stored.get("stamp") == stamp and isinstance(stored.get("key"), str):
+        key = stored["key"]
+    else:
+        key = compute()
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"stamp": stamp, "key": key}))
+            os.replace(tmp, store)
+        except OSError as e:
+            logger.debug("could not keep Triton's cache key in %s: %r", store, e)
+
+    def remembered() -> str:
+        return key
+
+    remembered.pmaccel_remembered = True
+    remembered.pmaccel_original = compute
+    module.triton_key = remembered
+    return key
+
+
+def _files_stamp(root: str | os.PathLike[str]) -> str:
+    """A hash of the version and of every Python file and shared library under ``root``: path, size, mtime."""
+    entries = [getattr(triton, "__version__", "") if triton is not None else ""]
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".py", ".so")):
+                st = os.stat(os.path.join(folder, name))
+                entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _wait_ahead(model: Any) -> None:

@@ -173,7 +173,7 @@ def test_compile_ahead_launches_each_kernel_variant_once(monkeypatch):
             task()
 
 
-def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
+def test_compile_ahead_leaves_nothing_to_compile_for_a_decode(monkeypatch, tmp_path):
     """After compile_ahead, a whole decode (prefill, graph captures, steps) launches only compiled variants
     (fp16: no other test compiles for it, so every variant is new here)."""
     from pmaccel import generate
@@ -187,17 +187,56 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode():
     def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
         return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
 
-    triton_key = invariant._triton_cache_key()  # Triton's hash of its files, the key of its cache
-    assert triton_key is not None
-    triton_key.cache_clear()
+    module = invariant._triton_key_module()  # where Triton's hash of its files (the key of its cache) lives
+    assert module is not None
+    original = getattr(module.triton_key, "pmaccel_original", module.triton_key)  # Triton's own (lru-cached)
+    monkeypatch.setattr(module, "triton_key", original)  # as in a new process
+    monkeypatch.setenv("PMACCEL_CACHE", str(tmp_path))
+    original.cache_clear()
     before = compiled()
     future = invariant.compile_ahead(model)
     assert future is not None and invariant.compile_ahead(model) is None  # started once per model
     assert future.result() == 0 and compiled() > before
-    assert triton_key.cache_info().misses == 1  # hashed once, not by each compiling thread at the same time
+    assert original.cache_info().misses == 1  # hashed once, not by each compiling thread at the same time
+    assert module.triton_key() == original()  # and kept: the next process reads it from the cache
+    assert (tmp_path / "triton_key.json").is_file()
     ahead = compiled()
     results = generate(model, _word_tokenizer(), _rows(12), max_new_tokens=6)
     assert len(results) == 12 and compiled() == ahead
+
+
+def test_triton_key_is_read_back_while_its_files_are_unchanged(tmp_path):
+    """Triton's cache key: computed and stored on the first run, read back on the next (nothing hashed), computed
+    again once a file it covers changes or the stored copy is unreadable."""
+    import types
+
+    root = tmp_path / "triton"
+    (root / "_C").mkdir(parents=True)
+    (root / "_C" / "libtriton.so").write_bytes(b"\0" * 100)
+    (root / "compiler.py").write_text("x = 1\n")
+    store = tmp_path / "cache" / "triton_key.json"
+    calls = []
+
+    def fresh() -> types.SimpleNamespace:  # a new process's Triton: its own key function
+        return types.SimpleNamespace(triton_key=lambda: calls.append(1) or f"key{len(calls)}")
+
+    first = fresh()
+    assert invariant.remember_triton_key(first, root, store) == "key1" and len(calls) == 1
+    assert first.triton_key() == "key1" and len(calls) == 1  # replaced: no more hashing in this process
+    assert json.loads(store.read_text())["key"] == "key1"
+    second = fresh()
+    assert invariant.remember_triton_key(second, root, store) == "key1" and len(calls) == 1  # read back
+    assert second.triton_key() == "key1"
+    os.utime(root / "_C" / "libtriton.so", ns=(1, 1))  # another library (an upgrade): computed again
+    assert invariant.remember_triton_key(fresh(), root, store) == "key2" and len(calls) == 2
+    (root / "language.py").write_text("y = 2\n")  # a new source file
+    assert invariant.remember_triton_key(fresh(), root, store) == "key3"
+    store.write_text("{not json")
+    assert invariant.remember_triton_key(fresh(), root, store) == "key4"
+    assert invariant.remember_triton_key(fresh(), root, store) == "key4" and len(calls) == 4
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert invariant.remember_triton_key(fresh(), root, blocked / "triton_key.json") == "key5"  # not kept: no error
 
 
 def test_row_mean_is_the_mean_and_per_row():
