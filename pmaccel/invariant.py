@@ -610,11 +610,10 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, _, Q, D = query.shape
-    scale = D**-0.5 if scaling is None else scaling
     lists = kwargs.get(KEYS_KWARG)
     if lists is None or tuple(lists[1].shape) != (B, Q):
         lists = key_lists(attention_mask[:, 0] == 0)
-    return attention(query, key, value, *lists, scale), None
+    return attention(query, key, value, *lists, D**-0.5 if scaling is None else scaling), None
 
 
 AttentionInterface.register(INVARIANT_ATTENTION, invariant_attention)
@@ -725,10 +724,12 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
     # Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library,
     # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: settled here
     # once, before the launches below look their kernels up in parallel (each thread hashed them again), and
-    # read from pmaccel's cache while Triton's files are those it was computed from
+    # read from pmaccel's cache while Triton's files are those it was computed from (a file per installation)
     if (module := _triton_key_module()) is not None:
         try:
-            remember_triton_key(module, os.path.dirname(triton.__file__), cache_root() / "triton_key.json")
+            root = os.path.dirname(os.path.abspath(triton.__file__))
+            store = cache_root() / "triton_keys" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.json"
+            remember_triton_key(module, root, store)
         except Exception as e:  # noqa: BLE001  (an unexpected Triton layout: it computes its key as it would)
             logger.debug("remembering Triton's cache key failed: %r", e)
             module.triton_key()
@@ -774,7 +775,7 @@ def remember_triton_key(module: Any, root: str | os.PathLike[str], store: str | 
 
     Example:
         >>> remember_triton_key(triton.runtime.cache, os.path.dirname(triton.__file__),  # doctest: +SKIP
-        ...                     cache_root() / "triton_key.json")
+        ...                     cache_root() / "triton_keys" / "mine.json")
     """
     compute = module.triton_key
     if getattr(compute, "pmaccel_remembered", False):
