@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gemm_tiles import graph_ms  # a launch's time, replayed from a CUDA graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,27 +52,6 @@ def make(shape: tuple[int, int, int, int, int], device: str, seed: int = 0):
            torch.randn(B, KV_HEADS, S, HEAD_DIM, generator=g).to(device, torch.bfloat16)) for _ in range(2)]
     kv = [kv[i % 2] for i in range(LAYERS)]  # two distinct memories alternate: none stays hot in L2 alone
     return q, kv, keys, count
-
-
-def timed(fn, repeats: int = 20) -> float:
-    """µs per call of ``fn`` (which runs LAYERS launches), replayed from a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / repeats / LAYERS
 
 
 def layers(q, kv, keys, count, split: bool, blocks) -> None:
@@ -105,7 +85,7 @@ def main() -> int:
             for split in (False, True):
                 try:
                     out = invariant.attention(q, *kv[0], keys, count, HEAD_DIM**-0.5, split=split, blocks=blocks)
-                    us = timed(functools.partial(layers, q, kv, keys, count, split, blocks))
+                    us = 1e3 * graph_ms(functools.partial(layers, q, kv, keys, count, split, blocks), LAYERS)
                     row["split" if split else "one"] = {"us": round(us, 2), "same_as_default": torch.equal(out, ref)}
                 except Exception as e:  # noqa: BLE001  (a blocking the card cannot run: shared memory)
                     row["split" if split else "one"] = {"error": str(e).splitlines()[0][:80]}
