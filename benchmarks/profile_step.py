@@ -33,8 +33,11 @@ def main() -> None:
     ap.add_argument("--no_deterministic", action="store_true", help="the default kernels, not the invariant ones")
     ap.add_argument("--prefill", action="store_true", help="with --e2e_dir: profile prefill, not the step")
     ap.add_argument("--live", action="store_true",
-                    help="profile a whole warm run, kernels per step (an empty pool's step attends to no keys)")
+                    help="profile a whole warm run of --workload, kernels per step (an empty pool's step attends to "
+                         "no keys); not with --e2e_dir")
     args = ap.parse_args()
+    if args.live and args.e2e_dir:
+        ap.error("--live profiles a --workload run; with --e2e_dir use --prefill or the step profile")
     deterministic = False if args.no_deterministic else None
     if args.e2e_dir:
         work = Path(args.e2e_dir)
