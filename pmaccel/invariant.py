@@ -41,7 +41,7 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -95,12 +95,11 @@ def resolve(requested: bool | None, device: torch.device | str) -> bool:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["M"])
-    def _linear_kernel(x, w, bias, out, M, N, K, sxm, sxk, swn, swk, som, son,
-                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: M x N may pass 2**31
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    @triton.jit
+    def _gemm_tile(x, w, rm, rn, M, N, K, sxm, sxk, swn, swk, PRECISION: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+        # the [BM, BN] tile of x @ w^T at rows rm, columns rn: each element sums its K products BK at a time, in
+        # one order, in fp32
         rk = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -108,10 +107,42 @@ if triton is not None:
             a = tl.load(x + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             b = tl.load(w + rn[None, :] * swn + kk[:, None] * swk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit(do_not_specialize=["M"])
+    def _linear_kernel(x, w, bias, out, M, N, K, sxm, sxk, swn, swk, som, son,
+                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: M x N may pass 2**31
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = _gemm_tile(x, w, rm, rn, M, N, K, sxm, sxk, swn, swk, PRECISION, BM, BN, BK)
         if HAS_BIAS:
             acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out + rm[:, None] * som + rn[None, :] * son, acc.to(out.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit(do_not_specialize=["M"])
+    def _linear_parts_kernel(x, w0, w1, w2, b0, b1, b2, o0, o1, o2, M, N0, N1, N2, K, sxm, sxk, sw0, sw1, sw2,
+                             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # x @ w_i^T (+ b_i) into o_i [M, N_i] (contiguous) for up to three weights [N_i, K] of one input, in one
+        # launch: column tile j is w0's while j < cdiv(N0, BN), then w1's, then w2's; each tile as _linear_kernel
+        # computes it (the same bits)
+        j = tl.program_id(1)
+        t1 = tl.cdiv(N0, BN)
+        t2 = t1 + tl.cdiv(N1, BN)
+        in1, in2 = j >= t1, j >= t2
+        w = tl.where(in2, w2, tl.where(in1, w1, w0))
+        o = tl.where(in2, o2, tl.where(in1, o1, o0))
+        N = tl.where(in2, N2, tl.where(in1, N1, N0))
+        swn = tl.where(in2, sw2, tl.where(in1, sw1, sw0))
+        rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        rn = (j - tl.where(in2, t2, tl.where(in1, t1, 0))) * BN + tl.arange(0, BN)
+        acc = _gemm_tile(x, w, rm, rn, M, N, K, sxm, sxk, swn, 1, PRECISION, BM, BN, BK)
+        if HAS_BIAS:
+            b = tl.where(in2, b2, tl.where(in1, b1, b0))
+            acc += tl.load(b + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(o + rm[:, None] * N + rn[None, :], acc.to(o.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
     def _row_mean_kernel(x, out, n, stride, BLOCK: tl.constexpr):
@@ -152,13 +183,21 @@ if triton is not None:
             carry = tl.sum(tl.where(offs == BLOCK - 1, c, 0.0), axis=0)  # the chunk's last sum, exactly
 
     @triton.jit(do_not_specialize=["T"])
-    def _rope_kernel(x, cos, sin, out, H, T, sxb, sxh, sxt, scb, sct, ssb, sst, sob, soh, sot,
-                     HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr):
+    def _rope_kernel(x0, x1, cos, sin, out0, out1, H0, H1, T, sxb0, sxh0, sxt0, sxb1, sxh1, sxt1, scb, sct, ssb, sst,
+                     sob0, soh0, sot0, sob1, soh1, sot1, HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr):
         # x [B, H, T, D] -> out: (x * cos) + (rotate_half(x) * sin), every product and the sum rounded to
-        # out's type as torch's elementwise kernels round them; one program per (token, batch, BH heads)
+        # out's type as torch's elementwise kernels round them; for two tensors of one cos/sin (queries and
+        # keys) in one launch: one program per (token, batch, BH heads of x0, then BH heads of x1)
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
-        h = tl.program_id(2) * BH + tl.arange(0, BH)
+        t1 = tl.cdiv(H0, BH)
+        second = tl.program_id(2) >= t1
+        x = tl.where(second, x1, x0)
+        out = tl.where(second, out1, out0)
+        H = tl.where(second, H1, H0)
+        sxb, sxh, sxt = tl.where(second, sxb1, sxb0), tl.where(second, sxh1, sxh0), tl.where(second, sxt1, sxt0)
+        sob, soh, sot = tl.where(second, sob1, sob0), tl.where(second, soh1, soh0), tl.where(second, sot1, sot0)
+        h = (tl.program_id(2) - tl.where(second, t1, 0)) * BH + tl.arange(0, BH)
         j = tl.arange(0, BHALF)
         jm = j < HALF
         m = (h < H)[:, None] & jm[None, :]
@@ -175,6 +214,23 @@ if triton is not None:
         op = out + b * sob + t * sot + h[:, None] * soh + j[None, :]
         tl.store(op, lo.to(dt), mask=m)
         tl.store(op + HALF, hi.to(dt), mask=m)
+
+    @triton.jit(do_not_specialize=["Q", "srb", "srq", "ssb", "ssq"])
+    def _slot_write_kernel(k, v, kc, vc, rows, slots, Q, H, skb, skh, skq, svb, svh, svq, srb, srq, ssb, ssq,
+                           ckr, ckh, cks, cvr, cvh, cvs, D: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+        # token (b, q) of K and V [B, H, Q, D] into the KV memories [R, H, S, D] at row rows[b, q], slot
+        # slots[b, q]: one program per token, both tensors
+        i = tl.program_id(0).to(tl.int64)
+        b, q = i // Q, i % Q
+        r = tl.load(rows + b * srb + q * srq)
+        s = tl.load(slots + b * ssb + q * ssq)
+        h = tl.arange(0, BH)
+        d = tl.arange(0, BD)
+        m = (h < H)[:, None] & (d < D)[None, :]
+        kx = tl.load(k + b * skb + q * skq + h[:, None] * skh + d[None, :], mask=m)
+        tl.store(kc + r * ckr + s * cks + h[:, None] * ckh + d[None, :], kx, mask=m)
+        vx = tl.load(v + b * svb + q * svq + h[:, None] * svh + d[None, :], mask=m)
+        tl.store(vc + r * cvr + s * cvs + h[:, None] * cvh + d[None, :], vx, mask=m)
 
     # One query's attention over part of its key list, and the merge of two such parts: shared by the kernels
     # below, so that a list attended in one program or split over several sums in the same order, bit for bit.
@@ -313,6 +369,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.reshape(*shape[:-1], N)
 
 
+def linear_parts(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *,
+                 tiling: tuple[int, int, int, int] | None = None) -> list[torch.Tensor]:
+    """``[linear(x, w, b) for w, b in zip(weights, biases)]`` in one launch, the same bits: up to three weights of
+    one input (an attention's q/k/v, an MLP's gate and up projections), with a bias each or none at all.
+    Each weight stays where it is (no concatenated copy); the outputs are contiguous tensors of their own."""
+    if not 1 <= len(weights) <= 3 or len(biases) != len(weights):
+        raise ValueError(f"linear_parts takes one to three weights with a bias each, got {len(weights)}, {len(biases)}")
+    has_bias = biases[0] is not None
+    if any((b is not None) != has_bias for b in biases):
+        raise ValueError("linear_parts: either every weight has a bias or none has")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    M, K = x2.shape
+    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
+    outs = [torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    if M:
+        Ns = [w.shape[0] for w in weights]
+        bm, bn, warps, stages = tiling or gemm_tiling(M, sum(Ns), x.element_size(), x.device)
+        pad = lambda seq, fill: [*seq, *[fill] * (3 - len(seq))]  # noqa: E731  (absent parts: no tiles)
+        tiles = sum(triton.cdiv(n, bn) for n in Ns)
+        _linear_parts_kernel[(triton.cdiv(M, bm), tiles)](
+            x2, *pad(weights, weights[0]), *pad(biases if has_bias else [outs[0]], outs[0]), *pad(outs, outs[0]),
+            M, *pad(Ns, 0), K, x2.stride(0), x2.stride(1), *pad([w.stride(0) for w in weights], 0),
+            HAS_BIAS=has_bias, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BM=bm, BN=bn, BK=BLOCK_K, num_warps=warps, num_stages=stages)
+    return [o.reshape(*shape[:-1], o.shape[-1]) for o in outs]
+
+
 def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
     """The tiling of an [M, K] x [K, N] GEMM: (rows, columns, warps, stages) per program.
 
@@ -433,25 +517,31 @@ def _fused_norms(model: Any) -> Iterator[None]:
             del m.forward
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, other: torch.Tensor | None = None):
     """transformers' rotary embedding of x [B, H, T, D] with cos/sin [B or 1, T, D] (``unsqueeze_dim=1``) in one
     kernel: ``x * cos + rotate_half(x) * sin``, rounded as torch's separate kernels round it; the result
-    has x's strides."""
+    has x's strides. Given ``other`` (the keys of the queries ``x``: [B, H', T, D] of x's dtype), both in one
+    launch: returns the pair."""
     B, H, T, D = x.shape
-    out = torch.empty_like(x)
+    y = x if other is None else other
+    H1 = 0 if other is None else y.shape[1]
+    out, out1 = torch.empty_like(x), torch.empty_like(y) if other is not None else None
     if out.numel():
-        _rope_kernel[(T, B, triton.cdiv(H, ROPE_HEADS))](
-            x, cos, sin, out, H, T, x.stride(0), x.stride(1), x.stride(2),
-            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), sin.stride(0) if sin.shape[0] > 1 else 0,
-            sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        o1 = out if out1 is None else out1
+        _rope_kernel[(T, B, triton.cdiv(H, ROPE_HEADS) + triton.cdiv(H1, ROPE_HEADS))](
+            x, y, cos, sin, out, o1, H, H1, T, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+            y.stride(2), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            o1.stride(0), o1.stride(1), o1.stride(2),
             HALF=D // 2, BH=ROPE_HEADS, BHALF=triton.next_power_of_2(D // 2), num_warps=4, enable_fp_fusion=False)
-    return out
+    return out if other is None else (out, out1)
 
 
 def _rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether ``rope`` computes these: CUDA, one dtype, [B, H, T, D] with D even and contiguous, cos/sin
-    [B or 1, T, D]."""
+    """Whether ``rope`` computes these (in one launch): CUDA, one dtype, [B, H, T, D] with D even and contiguous
+    (the head counts may differ), cos/sin [B or 1, T, D]."""
     return (q.is_cuda and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and q.shape[-1] % 2 == 0
+            and q.shape[0] == k.shape[0]
             and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape
             and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.stride(-1) == k.stride(-1) == 1
             and cos.stride(-1) == sin.stride(-1) == 1
@@ -465,7 +555,7 @@ def _fused_apply(original: Callable) -> Callable:
         plain = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
         if not plain or not _rope_applies(q, k, cos, sin):
             return original(q, k, cos, sin, *args, **kwargs)
-        return rope(q, cos, sin), rope(k, cos, sin)
+        return rope(q, cos, sin, k)
 
     apply_rotary_pos_emb.pmaccel_original = original
     return apply_rotary_pos_emb
@@ -501,7 +591,7 @@ def _rope_modules(model: Any) -> list[Any]:
                 with torch.no_grad():
                     ref = fn(q, k, cos, sin)
                 same = (_rope_applies(q, k, cos, sin) and isinstance(ref, tuple) and len(ref) == 2
-                        and all(torch.equal(r, rope(x, cos, sin)) for r, x in zip(ref, (q, k))))
+                        and all(torch.equal(r, x) for r, x in zip(ref, rope(q, cos, sin, k))))
             except Exception:  # noqa: BLE001  (another signature or layout: that module keeps its own)
                 same = False
             _FUSABLE_ROPE[key] = same
@@ -523,6 +613,27 @@ def _fused_rope(model: Any) -> Iterator[None]:
     finally:
         for m, fn in zip(modules, originals):
             m.apply_rotary_pos_emb = fn
+
+
+def slot_write(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               rows: torch.Tensor, slots: torch.Tensor) -> bool:
+    """``keys[rows, :, slots] = key.transpose(1, 2)`` and the same for the values, in one launch: key and value
+    [B, H, Q, D], the KV memories [R, H, S, D], rows and slots [B, Q] (integer tensors of any strides; where
+    two tokens name one place, either may land). False, with nothing written, where the kernel does not apply
+    (no Triton, other shapes or dtypes): the caller then indexes as usual."""
+    if (triton is None or key.shape != value.shape or keys.shape != values.shape
+            or key.dtype != keys.dtype or value.dtype != values.dtype or key.stride(-1) != 1 or value.stride(-1) != 1
+            or keys.stride(-1) != 1 or values.stride(-1) != 1 or key.shape[1] != keys.shape[1]
+            or key.shape[-1] != keys.shape[-1] or rows.shape != slots.shape or tuple(rows.shape) != key.shape[::2]):
+        return False
+    B, H, Q, D = key.shape
+    if B * Q:
+        _slot_write_kernel[(B * Q,)](
+            key, value, keys, values, rows, slots, Q, H, key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), rows.stride(0), rows.stride(1), slots.stride(0),
+            slots.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+            values.stride(2), D=D, BH=triton.next_power_of_2(H), BD=triton.next_power_of_2(D), num_warps=4)
+    return True
 
 
 def row_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -619,9 +730,53 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
 AttentionInterface.register(INVARIANT_ATTENTION, invariant_attention)
 
 
+LINEAR_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling layers that read one input
+
+
+def linear_groups(model: Any) -> dict[int, tuple[torch.nn.Linear, ...]]:
+    """The sibling layers of ``model`` whose GEMMs ``linear_parts`` runs as one launch: an attention's q/k/v, an
+    MLP's gate and up projections (``LINEAR_GROUPS``), where they are plain ``nn.Linear`` layers of one input
+    size, dtype and device, with a bias each or none. Keyed by ``id`` of each layer's weight."""
+    groups: dict[int, tuple[torch.nn.Linear, ...]] = {}
+    for m in model.modules():
+        for names in LINEAR_GROUPS:
+            layers = tuple(getattr(m, name, None) for name in names)
+            if not all(isinstance(layer, torch.nn.Linear) and type(layer).forward is torch.nn.Linear.forward
+                       and "forward" not in vars(layer) for layer in layers):
+                continue
+            w = layers[0].weight
+            if all(layer.weight.shape[1] == w.shape[1] and layer.weight.dtype == w.dtype
+                   and layer.weight.device == w.device and (layer.bias is None) == (layers[0].bias is None)
+                   for layer in layers):
+                groups.update({id(layer.weight): layers for layer in layers})
+    return groups
+
+
 class _InvariantOps(TorchFunctionMode):
     """Sends ``F.linear`` and last-dimension ``mean`` and ``cumsum`` on CUDA to the fixed-order kernels, and
-    makes ``sort`` stable (top-p sorts the scores: equal scores must come out in one order)."""
+    makes ``sort`` stable (top-p sorts the scores: equal scores must come out in one order).
+
+    ``groups`` (``linear_groups``): the first of a group's layers to be called on an input runs the whole
+    group's GEMM; its siblings' results wait for their own calls on that same input."""
+
+    def __init__(self, groups: dict[int, tuple[torch.nn.Linear, ...]] | None = None):
+        super().__init__()
+        self.groups = groups or {}
+        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ready = self.ready.pop(id(weight), None)
+        if ready is not None and ready[0] is x and ready[1] is weight and ready[2] is bias:
+            return ready[3]
+        layers = self.groups.get(id(weight))
+        i = next((i for i, layer in enumerate(layers or ()) if layer.weight is weight), None)
+        if i is None or layers[i].bias is not bias:
+            return linear(x, weight, bias)
+        outs = linear_parts(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+        for j, (layer, out) in enumerate(zip(layers, outs)):
+            if j != i:
+                self.ready[id(layer.weight)] = (x, layer.weight, layer.bias, out)
+        return outs[i]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -633,7 +788,7 @@ class _InvariantOps(TorchFunctionMode):
                 return row_cumsum(args[0])
         if func is F.linear and args[0].is_cuda:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return linear(args[0], args[1], bias)
+            return self.linear(args[0], args[1], bias)
         if func in (torch.mean, torch.Tensor.mean) and args[0].is_cuda and args[0].is_floating_point():
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -667,7 +822,7 @@ def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
     before = model.config._attn_implementation
     model.set_attn_implementation(INVARIANT_ATTENTION)
     try:
-        with _fused_norms(model), _fused_rope(model), _InvariantOps():
+        with _fused_norms(model), _fused_rope(model), _InvariantOps(linear_groups(model)):
             yield
     finally:
         model.set_attn_implementation(before)
@@ -737,7 +892,8 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
         # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
         # so that the first launches racing below all add to the same table
         index = triton.runtime.driver.active.get_current_device()
-        for kernel in (_linear_kernel, _rms_norm_kernel, _rope_kernel, *ATTENTION_KERNELS):
+        for kernel in (_linear_kernel, _linear_parts_kernel, _rms_norm_kernel, _rope_kernel, _slot_write_kernel,
+                       *ATTENTION_KERNELS):
             tables = getattr(kernel, "device_caches", None)
             if isinstance(tables, dict):
                 tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
@@ -845,8 +1001,19 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             tasks.append(task)
 
     zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    groups = linear_groups(model)
+    for layers in {tuple(id(layer) for layer in g): g for g in groups.values()}.values():
+        w0, b0 = layers[0].weight, layers[0].bias
+        if w0.device != device:
+            continue
+        Ns, K = [layer.weight.shape[0] for layer in layers], w0.shape[1]
+        for tiling in gemm_tilings(w0.element_size(), sum(Ns), device):
+            once(("parts", *(N % 16 == 0 for N in Ns), K % 16 == 0, b0 is None, w0.dtype, tiling),
+                 lambda layers=layers, K=K, tiling=tiling: linear_parts(
+                     zeros(1, K, dtype=layers[0].weight.dtype), [layer.weight for layer in layers],
+                     [layer.bias for layer in layers], tiling=tiling))
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.device == device:
+        if isinstance(m, torch.nn.Linear) and m.weight.device == device and id(m.weight) not in groups:
             w, b = m.weight, m.bias
             N, K = w.shape
             for tiling in gemm_tilings(w.element_size(), N, device):
@@ -863,6 +1030,9 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             dtype = q_proj.weight.dtype
             once(("attention", heads, kv_heads, head_dim, dtype),
                  lambda h=heads, hk=kv_heads, d=head_dim, dt=dtype: _attention_on_zeros(h, hk, d, dt, device))
+            once(("slots", kv_heads, head_dim, dtype), lambda hk=kv_heads, d=head_dim, dt=dtype: slot_write(
+                zeros(1, hk, 1, d, dtype=dt), zeros(1, hk, 1, d, dtype=dt), zeros(1, hk, 2, d, dtype=dt),
+                zeros(1, hk, 2, d, dtype=dt), zeros(1, 1, dtype=torch.long), zeros(1, 1, dtype=torch.long)))
     tasks.append(lambda: _rope_modules(model))  # RoPE's check launches the kernel with the layers' head counts
     return tasks
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from pmaccel.invariant import slot_write
+
 GROUPED_SDPA = "pmaccel_grouped_sdpa"
 # Folded attention kernel: two GEMMs and a softmax ("matmul") beat torch's fused kernels ("sdpa") on
 # small decode steps and lose on large ones (H200, Qwen2.5-0.5B shape: docs/PERFORMANCE.md).
@@ -128,9 +130,11 @@ class SlotCache:
             self.values.append(value_states.new_zeros(self.rows, h, self.max_slots, value_states.shape[-1]))
         assert self._target is not None, "SlotCache: decode() or prefill() before the forward"
         kind, rows, slots = self._target
-        # advanced indices on dims 0 and 2 -> the indexed view is [B, Q, H_kv, D]
-        self.keys[layer_idx][rows, :, slots] = key_states.transpose(1, 2)
-        self.values[layer_idx][rows, :, slots] = value_states.transpose(1, 2)
+        # on CUDA one kernel writes both; else advanced indices on dims 0 and 2 (the indexed view is [B, Q, H_kv, D])
+        if not (key_states.is_cuda and slot_write(key_states, value_states, self.keys[layer_idx],
+                                                  self.values[layer_idx], rows, slots)):
+            self.keys[layer_idx][rows, :, slots] = key_states.transpose(1, 2)
+            self.values[layer_idx][rows, :, slots] = value_states.transpose(1, 2)
         if kind == "prefill":
             return key_states, value_states
         n = rows.shape[0]

@@ -78,6 +78,105 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sibling_gemms_in_one_launch_give_each_layers_bits(dtype):
+    """``linear_parts``: two or three weights of one input (widths that are not whole tiles), with and without
+    biases, each output bit for bit ``linear``'s, at every tiling; its rows independent of the other rows."""
+    dev = _kernel_device(dtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 96, generator=g).to(dev, dtype)
+    ws = [torch.randn(n, 96, generator=g).to(dev, dtype) for n in (64, 40, 72)]
+    bs = [torch.randn(w.shape[0], generator=g).to(dev, dtype) for w in ws]
+    for parts in (2, 3):
+        for biases in (bs[:parts], [None] * parts):
+            ref = [invariant.linear(x, w, b) for w, b in zip(ws[:parts], biases)]
+            for tiling in invariant.gemm_tilings(x.element_size()):
+                got = invariant.linear_parts(x, ws[:parts], biases, tiling=tiling)
+                assert [o.shape for o in got] == [r.shape for r in ref]
+                assert all(o.is_contiguous() and torch.equal(o, r) for o, r in zip(got, ref))
+            few = invariant.linear_parts(x[3:6].reshape(1, 3, 96), ws[:parts], biases)
+            assert all(torch.equal(o[0], r[3:6]) for o, r in zip(few, ref))
+    with pytest.raises(ValueError, match="every weight has a bias or none"):
+        invariant.linear_parts(x, ws[:2], [bs[0], None])
+
+
+def test_sibling_layers_are_computed_once_whichever_is_called_first(monkeypatch):
+    """The dispatch of ``invariant_mode``'s F.linear: q/k/v and gate/up are groups, the others are not; the first
+    call of a group on an input computes all of it, each sibling then gets its own result for that input
+    (in any order); another input, another weight or a repeated call computes again."""
+    model = _tiny_qwen2()
+    groups = invariant.linear_groups(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert groups[id(attn.k_proj.weight)] == (attn.q_proj, attn.k_proj, attn.v_proj)
+    assert groups[id(mlp.up_proj.weight)] == (mlp.gate_proj, mlp.up_proj)
+    assert len(groups) == 5 * 2 and id(attn.o_proj.weight) not in groups and id(mlp.down_proj.weight) not in groups
+    assert id(model.lm_head.weight) not in groups
+    calls = []
+    F = torch.nn.functional
+    monkeypatch.setattr(invariant, "linear_parts", lambda x, ws, bs: calls.append(len(ws)) or [
+        F.linear(x, w, b) for w, b in zip(ws, bs)])
+    monkeypatch.setattr(invariant, "linear", lambda x, w, b: calls.append(1) or F.linear(x, w, b))
+    ops = invariant._InvariantOps(groups)
+    x, y = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        for layer in (attn.k_proj, attn.q_proj, attn.v_proj, mlp.up_proj, mlp.gate_proj, attn.o_proj):
+            assert torch.equal(ops.linear(x, layer.weight, layer.bias), layer(x))
+        assert calls == [3, 2, 1]
+        assert torch.equal(ops.linear(x, attn.q_proj.weight, attn.q_proj.bias), attn.q_proj(x))  # again: computed
+        assert torch.equal(ops.linear(y, attn.k_proj.weight, attn.k_proj.bias), attn.k_proj(y))  # another input
+        assert torch.equal(ops.linear(x, attn.k_proj.weight, None), F.linear(x, attn.k_proj.weight))  # no bias
+        assert calls == [3, 2, 1, 3, 3, 1]
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 136, bias=True)  # a bias where gate has none
+    assert id(model.model.layers[1].mlp.gate_proj.weight) not in invariant.linear_groups(model)
+
+
+def test_a_forward_runs_each_group_in_one_launch_with_the_same_bits(monkeypatch):
+    """On CUDA, under ``invariant_mode``: the logits of a forward are those of the layer-by-layer GEMMs, bit for
+    bit, with one ``linear_parts`` launch per q/k/v and per gate/up."""
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("runs the CUDA kernels")
+    model = _tiny_qwen2().to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 100, (3, 11), device="cuda")
+    with torch.no_grad(), invariant.invariant_mode(model):
+        grouped = model(input_ids=ids).logits
+    parts = []
+    original = invariant.linear_parts
+    monkeypatch.setattr(invariant, "linear_parts", lambda *a, **k: parts.append(len(a[1])) or original(*a, **k))
+    with torch.no_grad(), invariant.invariant_mode(model):
+        assert torch.equal(model(input_ids=ids).logits, grouped)
+    assert parts == [3, 2] * 2
+    monkeypatch.setattr(invariant, "linear_groups", lambda model: {})
+    with torch.no_grad(), invariant.invariant_mode(model):
+        assert torch.equal(model(input_ids=ids).logits, grouped)
+    assert parts == [3, 2] * 2
+
+
+def test_slot_write_is_the_indexed_assignment():
+    """``slot_write``: K and V of a decode step (rows x lanes, scratch slots) and of a prefill (broadcast rows and
+    slots, transposed views as the layers make them) land where the indexed assignment puts them; other shapes
+    are left to the caller."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(4)
+    R, H, S, D = 5, 2, 12, 16
+    for rows, slots, B, Q in (
+        (torch.arange(3)[:, None].expand(3, 4), torch.tensor([[4, 5, 11, 11], [0, 1, 2, 3], [7, 11, 11, 11]]), 3, 4),
+        (torch.tensor([4, 1])[:, None].expand(2, 6), torch.arange(6)[None, :].expand(2, 6), 2, 6),
+    ):
+        k, v = (torch.randn(B, Q, H * D, generator=g).view(B, Q, H, D).transpose(1, 2).to(dev) for _ in "kv")
+        keys, values = torch.randn(R, H, S, D, generator=g).to(dev), torch.randn(R, H, S, D, generator=g).to(dev)
+        ref_k, ref_v = keys.clone(), values.clone()
+        rows, slots = rows.to(dev), slots.to(dev)
+        ref_k[rows, :, slots] = k.transpose(1, 2)
+        ref_v[rows, :, slots] = v.transpose(1, 2)
+        assert invariant.slot_write(k, v, keys, values, rows, slots)
+        scratch = slots == S - 1  # several lanes write there: any one may land
+        keep = torch.ones(R, S, dtype=torch.bool, device=dev)
+        keep[rows[scratch], slots[scratch]] = False
+        assert torch.equal(keys.transpose(1, 2)[keep], ref_k.transpose(1, 2)[keep])
+        assert torch.equal(values.transpose(1, 2)[keep], ref_v.transpose(1, 2)[keep])
+    assert not invariant.slot_write(k, v[..., :8], keys, values, rows, slots)  # another value size
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, monkeypatch):
     """``gemm_tilings(itemsize, N, device)`` (what compile_ahead compiles) against every row count up to where
@@ -113,6 +212,8 @@ def test_rope_is_transformers_rope_bit_for_bit(dtype):
         got_q, got_k = invariant.rope(q, cos, sin), invariant.rope(k, cos, sin)
         assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
         assert got_q.stride() == q.stride()
+        pair_q, pair_k = invariant.rope(q, cos, sin, k)  # both in one launch
+        assert torch.equal(pair_q, ref_q) and torch.equal(pair_k, ref_k) and pair_k.stride() == k.stride()
 
 
 def test_rope_is_swapped_in_only_while_the_context_lasts():
@@ -163,11 +264,12 @@ def test_compile_ahead_launches_each_kernel_variant_once(monkeypatch):
     monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 1)  # as Triton's interpreter has it
     model = _tiny_qwen2().to(dev)
     tasks = invariant._ahead_tasks(model, next(model.parameters()).device)
-    # GEMM variants: q/k/v (16 | N, 16 | K, bias), o (same, no bias), gate/up and head (16 ∤ N), down (16 ∤ K);
-    # each the tilings chosen for its N (with one multiprocessor: the wide and the narrow tiling)
+    # GEMM variants: q/k/v in one launch (16 | N, 16 | K, bias), gate/up in one (16 ∤ N, no bias), o (16 | N, no
+    # bias), head (16 ∤ N), down (16 ∤ K); each the tilings chosen for its N (for a group: the sum of its N) (with
+    # one multiprocessor: the wide and the narrow tiling)
     assert all(invariant.gemm_tilings(4, n, model.device) == [invariant.NARROW_TILE, invariant.WIDE_TILE]
-               for n in (32, 64, 136, 100))
-    assert len(tasks) == 4 * 2 + 1 + 1 + 1
+               for n in (128, 272, 64, 100))
+    assert len(tasks) == 5 * 2 + 1 + 1 + 1 + 1  # + the KV write
     with torch.inference_mode():
         for task in tasks:
             task()
@@ -181,8 +283,8 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode(monkeypatch, tmp_p
     if not torch.cuda.is_available() or invariant.triton is None:
         pytest.skip("compiles CUDA kernels")
     model = _tiny_qwen2(VOCAB).to("cuda", torch.float16)
-    kernels = (invariant._linear_kernel, invariant._rms_norm_kernel, invariant._rope_kernel,
-               *invariant.ATTENTION_KERNELS)
+    kernels = (invariant._linear_kernel, invariant._linear_parts_kernel, invariant._rms_norm_kernel,
+               invariant._rope_kernel, invariant._slot_write_kernel, *invariant.ATTENTION_KERNELS)
 
     def compiled() -> int:  # each kernel's table of compiled variants per device (Triton's own)
         return sum(len(tables[0]) for kernel in kernels for tables in kernel.device_caches.values())
