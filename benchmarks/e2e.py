@@ -30,8 +30,9 @@ run: every run is a fresh subprocess (wall clock around it, logs in <workdir>/lo
 Against another commit (an A/B in one go):
     python benchmarks/e2e.py --runs idiom,pmaccel --twice pmaccel --rounds 2 --against /tmp/base
     where /tmp/base holds the other commit's package (git archive BASE pmaccel | tar -x -C /tmp/base): each of
-    pmaccel's runs is followed by the same run of that package, --rounds times over, and each output file is
-    compared with this checkout's byte for byte; the idiom runs once.
+    pmaccel's runs is paired with the same run of that package (this checkout's first in odd rounds, the
+    other's first in even ones: the later run of a pair finds the OS's caches warmer), --rounds times over, and
+    each output file is compared with this checkout's byte for byte; the idiom runs once.
 Reported per run: wall seconds, generated tokens (read from the output file; a branch's tokens stop before
 its first eos id), tokens/s, speed-up over idiom with the same GPU count (idiom wall / wall), the fraction of
 branch outputs identical to idiom's (all but pmaccel_patch, whose 2D RoPE changes the outputs; bf16 on GPU
@@ -210,8 +211,9 @@ def command(run: str, gpus: int, out: Path, args: argparse.Namespace) -> list[st
 
 def plan(args: argparse.Namespace) -> list[Job]:
     """Every job, in order: per GPU count, per run, first then repeat. pmaccel's runs are repeated
-    ``--rounds`` times, and with ``--against`` each is followed by the same run of that directory's
-    pmaccel (interleaved, so that a drift of the machine reaches both alike); the idiom's run once."""
+    ``--rounds`` times, and with ``--against`` each is paired with the same run of that directory's
+    pmaccel (interleaved, so that a drift of the machine reaches both alike; this checkout's first in odd
+    rounds, the other's in even ones); the idiom's run once."""
     work = Path(args.workdir)
     twice = set(split(args.twice))
     engines = [""] + ([str(Path(args.against).resolve())] if args.against else [])
@@ -222,7 +224,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
                 raise SystemExit(f"unknown run {run!r}; choose from {', '.join(RUNS)}")
             ours = run.startswith("pmaccel")
             for rnd in range(1, (args.rounds if ours else 1) + 1):
-                for engine in engines if ours else [""]:
+                # the --against runs go first in even rounds: the later of a pair finds the OS's caches warmer
+                order = engines if rnd % 2 else engines[::-1]
+                for engine in order if ours else [""]:
                     for cache in ("first", "repeat") if run in twice else ("first",):
                         job = Job(run, gpus, cache, [], Path(), Path(), engine=engine, round=rnd)
                         job.cache_dir = work / "caches" / job.name.replace(f"-{cache}", "")
@@ -468,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run pmaccel's runs this many times")
     ap.add_argument("--against", default=None, metavar="DIR",
                     help="also run pmaccel's runs with the pmaccel package in DIR (another commit: DIR/pmaccel), "
-                         "each right after this checkout's, and compare the output files byte for byte")
+                         "paired with this checkout's (either first, by turns), and compare the output files byte for byte")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.against and not (Path(args.against) / "pmaccel" / "__init__.py").is_file():

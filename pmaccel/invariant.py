@@ -24,9 +24,20 @@ kernels with one fixed reduction order whatever the shapes:
 
 Everything else in a decoder is elementwise or per row already. The last property makes a branch of a
 packed sample under the isolated mask compute exactly what it computes decoded alone (``--compare``).
-One elementwise step also runs as one kernel, for speed: transformers' ``apply_rotary_pos_emb``
-(``q * cos + rotate_half(q) * sin``, five kernels per tensor), each product and the sum rounded as
-torch rounds them, for every modeling module whose own function gives the same bits on a test input.
+
+A decode step is bound by its kernel count more than by its arithmetic, so a few steps run in fewer
+launches, each giving the bits of what it replaces:
+
+    sibling GEMMs     an attention's q/k/v, an MLP's gate and up projections (one input): one launch, each
+                      weight where it is; the first layer called computes the others' results too
+    RoPE              transformers' ``apply_rotary_pos_emb`` (``q * cos + rotate_half(q) * sin``, five
+                      kernels per tensor): queries and keys in one kernel, each product and the sum rounded
+                      as torch rounds them, for every modeling module whose own function gives the same bits
+                      on a test input
+    KV write          the step's keys and values into the slots in one kernel (``SlotCache``, any mode)
+
+(Tried and left out: SiLU x up in one kernel. With exp and the division correctly rounded, as torch's give
+them, it took as long as torch's two kernels on H200, and longer over a prefill's many rows.)
 
 The kernels are Triton (shipped with CUDA builds of torch). On the CPU the mode changes nothing: the
 CPU path is batch-invariant in fp32 as it is (tested).

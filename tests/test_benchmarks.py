@@ -83,3 +83,23 @@ def test_e2e_says_when_the_other_package_wrote_another_output(tmp_path):
     jobs[1].round = jobs[0].round
     e2e.compare_engines(jobs)
     assert jobs[1].result["same_output"] is False
+
+
+def test_e2e_pairs_alternate_which_package_runs_first(tmp_path):
+    """With ``--against`` and several rounds, the two packages take turns going first (the later run of a pair
+    finds the OS's caches warmer); within a package, first run before repeat; the idiom runs once."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import e2e
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    against = tmp_path / "base"
+    import argparse
+
+    args = argparse.Namespace(workdir=str(tmp_path), twice="pmaccel", against=str(against), gpus="1",
+                              runs="idiom,pmaccel", rounds=3, max_new_tokens=4, dtype="auto", device="cpu",
+                              batch_size=8, launcher="accelerate", pmaccel_args="")
+    order = [(j.run, j.round, "base" if j.engine else "ours", j.cache) for j in e2e.plan(args)]
+    pairs = [[("pmaccel", rnd, who, cache) for cache in ("first", "repeat")] for rnd in (1, 2, 3)
+             for who in (("ours", "base") if rnd % 2 else ("base", "ours"))]
+    assert order == [("idiom", 1, "ours", "first")] + [job for pair in pairs for job in pair]
