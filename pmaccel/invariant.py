@@ -46,6 +46,7 @@ CPU path is batch-invariant in fp32 as it is (tested).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -360,6 +361,20 @@ if triton is not None:
 ATTENTION_KERNELS = (_attention_kernel, _attention_chunks_kernel, _attention_merge_kernel) if triton is not None else ()
 
 
+def _unmoded(fn: Callable) -> Callable:
+    """``fn`` with torch-function modes (``_InvariantOps``) off while it runs: a kernel's wrapper reads dozens of
+    strides and shapes per launch, and each read would go through the mode's Python (a prefill's forward is
+    bound by its host time)."""
+
+    @functools.wraps(fn)
+    def unmoded(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+
+    return unmoded
+
+
+@_unmoded
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            tiling: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``F.linear`` with one K blocking for every shape: row i of the result depends on row i of ``x``
@@ -380,6 +395,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.reshape(*shape[:-1], N)
 
 
+@_unmoded
 def linear_parts(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *,
                  tiling: tuple[int, int, int, int] | None = None) -> list[torch.Tensor]:
     """``[linear(x, w, b) for w, b in zip(weights, biases)]`` in one launch, the same bits: up to three weights of
@@ -461,6 +477,7 @@ def _multiprocessors(device: torch.device) -> int:
     return _SMS[index]
 
 
+@_unmoded
 def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     """``x.mean(-1)`` summed in one fixed order per row (RMSNorm's variance), whatever the number of rows."""
     n = x.shape[-1]
@@ -475,6 +492,7 @@ def row_mean(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     return out.unsqueeze(-1) if keepdim else out
 
 
+@_unmoded
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama-style RMSNorm over the last dimension in one kernel, one program per row:
     ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``, in the dtype torch would give."""
@@ -528,6 +546,7 @@ def _fused_norms(model: Any) -> Iterator[None]:
             del m.forward
 
 
+@_unmoded
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, other: torch.Tensor | None = None):
     """transformers' rotary embedding of x [B, H, T, D] with cos/sin [B or 1, T, D] (``unsqueeze_dim=1``) in one
     kernel: ``x * cos + rotate_half(x) * sin``, rounded as torch's separate kernels round it; the result
@@ -626,6 +645,7 @@ def _fused_rope(model: Any) -> Iterator[None]:
             m.apply_rotary_pos_emb = fn
 
 
+@_unmoded
 def slot_write(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                rows: torch.Tensor, slots: torch.Tensor) -> bool:
     """``keys[rows, :, slots] = key.transpose(1, 2)`` and the same for the values, in one launch: key and value
@@ -647,6 +667,7 @@ def slot_write(key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, value
     return True
 
 
+@_unmoded
 def row_cumsum(x: torch.Tensor) -> torch.Tensor:
     """``x.cumsum(-1)`` of a float tensor, each row scanned in one fixed order whatever the number of rows."""
     n = x.shape[-1]
@@ -670,6 +691,7 @@ def key_lists(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keys[..., :S], allowed.sum(-1, dtype=torch.int32)
 
 
+@_unmoded
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
               scale: float, *, split: bool | None = None,
               blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -763,6 +785,10 @@ def linear_groups(model: Any) -> dict[int, tuple[torch.nn.Linear, ...]]:
     return groups
 
 
+_ROUTED = frozenset({torch.sort, torch.Tensor.sort, torch.cumsum, torch.Tensor.cumsum, F.linear, torch.mean,
+                     torch.Tensor.mean})  # what _InvariantOps looks at
+
+
 class _InvariantOps(TorchFunctionMode):
     """Sends ``F.linear`` and last-dimension ``mean`` and ``cumsum`` on CUDA to the fixed-order kernels, and
     makes ``sort`` stable (top-p sorts the scores: equal scores must come out in one order).
@@ -791,6 +817,8 @@ class _InvariantOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _ROUTED:  # most calls (views, shapes, elementwise ops): straight through
+            return func(*args, **kwargs)
         if func in (torch.sort, torch.Tensor.sort) and args[0].is_cuda:
             return func(*args, **{**kwargs, "stable": True})
         if func in (torch.cumsum, torch.Tensor.cumsum) and args[0].is_cuda and args[0].is_floating_point():

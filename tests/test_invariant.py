@@ -151,6 +151,33 @@ def test_a_forward_runs_each_group_in_one_launch_with_the_same_bits(monkeypatch)
     assert parts == [3, 2] * 2
 
 
+def test_kernel_wrappers_run_outside_the_mode_and_the_mode_passes_other_calls_straight_through():
+    """The wrappers' own tensor calls (strides, shapes) do not go through ``_InvariantOps`` (a prefill is bound by
+    its host time); calls the mode does not route reach torch unchanged."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def reads(t):
+        return t.stride(0), t.shape, t.reshape(-1).numel()
+
+    t = torch.zeros(3, 4)
+    with Count():
+        direct = reads(t)
+        assert len(seen) >= 3  # stride, shape, reshape, numel: each through the mode
+        seen.clear()
+        assert invariant._unmoded(reads)(t) == direct and not seen
+    ops = invariant._InvariantOps({})
+    with ops:
+        assert torch.equal(torch.sort(torch.tensor([3.0, 1.0, 2.0])).values, torch.tensor([1.0, 2.0, 3.0]))
+        assert (t + 1).sum().item() == 12
+
+
 def test_slot_write_is_the_indexed_assignment():
     """``slot_write``: K and V of a decode step (rows x lanes, scratch slots) and of a prefill (broadcast rows and
     slots, transposed views as the layers make them) land where the indexed assignment puts them; other shapes
