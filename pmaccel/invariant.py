@@ -547,7 +547,8 @@ def _fused_norms(model: Any) -> Iterator[None]:
 
 
 @_unmoded
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, other: torch.Tensor | None = None):
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         other: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """transformers' rotary embedding of x [B, H, T, D] with cos/sin [B or 1, T, D] (``unsqueeze_dim=1``) in one
     kernel: ``x * cos + rotate_half(x) * sin``, rounded as torch's separate kernels round it; the result
     has x's strides. Given ``other`` (the keys of the queries ``x``: [B, H', T, D] of x's dtype), both in one
