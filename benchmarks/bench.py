@@ -113,12 +113,13 @@ def measure(fn_for, new: int, repeats: int) -> dict:
                 peak_gib=peak)
 
 
-def run_pmaccel(model, samples, w: Workload, mask: str, repeats: int) -> dict:
-    """One engine for every repeat (graphs captured once); its stats give prefill and per-step times."""
+def run_pmaccel(model, samples, w: Workload, mask: str, repeats: int, **config) -> dict:
+    """One engine for every repeat (graphs captured once); its stats give prefill and per-step times.
+    ``config``: ``EngineConfig`` fields besides the pool's rows."""
     from pmaccel.engine import Engine, EngineConfig
 
     tok = IdsTokenizer()
-    engine = Engine(model, EngineConfig(max_rows=len(samples)))
+    engine = Engine(model, EngineConfig(max_rows=len(samples), **config))
 
     def once():
         return pmaccel.generate(model, tok, samples, max_new_tokens=w.new, mask=mask, engine=engine)
@@ -165,9 +166,9 @@ def run_generate_batch(model, samples, w: Workload, repeats: int) -> dict | None
     return measure(fn_for, w.new, max(1, repeats // 2))
 
 
-def run_engine(who: str, model, samples: list[dict], w: Workload, repeats: int) -> dict | None:
+def run_engine(who: str, model, samples: list[dict], w: Workload, repeats: int, **config) -> dict | None:
     if who.startswith("pmaccel-"):
-        return run_pmaccel(model, samples, w, who.removeprefix("pmaccel-"), repeats)
+        return run_pmaccel(model, samples, w, who.removeprefix("pmaccel-"), repeats, **config)
     if who in ("generate", "static"):
         return run_generate(model, samples, w, repeats, static=who == "static")
     if who == "batch":
@@ -185,7 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default="", help="comma-separated sample counts for a W1-shaped batch-size sweep")
     ap.add_argument("--sweep_engines", default="pmaccel-columnar,generate,static")
     ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--prefill_tokens", type=int, default=None, help="pmaccel's prefill budget (default: its own)")
     args = ap.parse_args(argv)
+    config = {} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA device", file=sys.stderr)
         return 2
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
 
     def record(workload: str, who: str, samples: list[dict], w: Workload, repeats: int) -> None:
         try:
-            m = run_engine(who, model, samples, w, repeats)
+            m = run_engine(who, model, samples, w, repeats, **config)
         except Exception as e:  # a baseline this transformers cannot run: say so, measure the rest
             print(json.dumps(dict(workload=workload, who=who, error=f"{type(e).__name__}: {e}"[:300])), flush=True)
             return

@@ -10,8 +10,11 @@ With ``--e2e_dir`` the engine first decodes those rows twice (the second run war
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--e2e_dir", default=None, help="profile the model and rows.jsonl of a benchmarks/e2e.py workdir")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="with --e2e_dir")
+    ap.add_argument("--prefill_tokens", type=int, default=None, help="the engine's prefill budget (default: its own)")
     ap.add_argument("--no_deterministic", action="store_true", help="the default kernels, not the invariant ones")
     ap.add_argument("--prefill", action="store_true", help="with --e2e_dir: profile prefill, not the step")
     ap.add_argument("--live", action="store_true",
@@ -39,11 +43,12 @@ def main() -> None:
     if args.live and args.e2e_dir:
         ap.error("--live profiles a --workload run; with --e2e_dir use --prefill or the step profile")
     deterministic = False if args.no_deterministic else None
+    budget = {} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}
     if args.e2e_dir:
         work = Path(args.e2e_dir)
         model, tok = pmaccel.load_model(str(work / "model"), dtype="bf16")
         rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
-        engine = Engine(model, EngineConfig(deterministic=deterministic))
+        engine = Engine(model, EngineConfig(deterministic=deterministic, **budget))
         for run in ("first", "warm"):
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -62,7 +67,7 @@ def main() -> None:
         model = build_model(args.model, "cuda")
         w = WORKLOADS[args.workload]
         samples = make_samples(w, model.config.vocab_size)
-        engine = Engine(model, EngineConfig(max_rows=len(samples), deterministic=deterministic))
+        engine = Engine(model, EngineConfig(max_rows=len(samples), deterministic=deterministic, **budget))
         pmaccel.generate(model, IdsTokenizer(), samples, max_new_tokens=w.new, mask=args.mask, engine=engine)
         if args.live:
             before = engine.stats["steps"]
@@ -107,11 +112,12 @@ def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[di
     from pmaccel.engine import _prefill_chunks
     from pmaccel.request import Layout, pack_request
 
-    runner, cfg = engine.runner, engine.config
+    runner = engine.runner
     packs = [pack_request(r, tok, Layout.of({}), i)[1] for i, r in enumerate(rows[: runner.R])]
     packs = [p for p in packs if len(p.branch_ids) <= runner.K]
     take = list(enumerate(range(len(packs))))
-    chunks = list(_prefill_chunks(take, packs, cfg.prefill_tokens))
+    budget = engine.prefill_budget(max(p.num_tokens for p in packs))
+    chunks = list(_prefill_chunks(take, packs, budget))
     tokens = sum(p.num_tokens for p in packs)
     pad = tok.pad_token_id or 0
 
@@ -129,12 +135,21 @@ def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[di
         host = time.perf_counter() - t
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        print(f"prefill: {len(packs)} samples, {tokens} prompt tokens, {len(chunks)} forwards: {wall:.3f} s "
+        padded = sum(len(c) * max(packs[i].num_tokens for _, i in c) for c in chunks)
+        print(f"prefill: {len(packs)} samples, {tokens} prompt tokens ({padded} padded, budget {budget}), "
+              f"{len(chunks)} forwards: {wall:.3f} s "
               f"({tokens / wall:,.0f} tok/s; host done after {host:.3f} s)")
-        import warnings
+        syncs: list[str] = []
 
-        with warnings.catch_warnings(record=True) as caught:  # what in a prefill waits for the device
+        def where(message, *_args, **_kwargs) -> None:  # the calling line outside torch's own modules
+            if "synchroniz" in str(message):
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                          and "warnings" not in f.filename and not f.filename.endswith("invariant.py")]
+                syncs.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1]))
+
+        with warnings.catch_warnings():  # what in a prefill waits for the device
             warnings.simplefilter("always")
+            warnings.showwarning = where
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for chunk in chunks[:1]:
@@ -142,9 +157,8 @@ def profile_prefill(args: argparse.Namespace, engine: Engine, tok, rows: list[di
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             runner.clear_row(slice(None))
-        syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}" for w in caught
-                 if "synchroniz" in str(w.message)]
-        print(f"prefill forward: {len(syncs)} host syncs" + "".join(f"\n  {m}" for m in syncs[:5]))
+        print(f"prefill forward: {len(syncs)} host syncs"
+              + "".join(f"\n  {n}x {m}" for m, n in collections.Counter(syncs).most_common(8)))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             admit()
             torch.cuda.synchronize()

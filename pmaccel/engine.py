@@ -37,6 +37,10 @@ from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
 FINISH_REASONS = {1: "stop", 2: "length"}
 SLOT_ROUND = 64  # S is rounded up to a multiple of this
 PREFILL_LANES = 1024  # most branches in one prefill forward (bounds its [E, V] logits)
+# most prompt tokens in one prefill forward by default, on CUDA where the memory allows (a forward's launches cost
+# the host the same whatever its tokens: on H200 the Qwen2.5-0.5B prefill took 8 forwards of 8192 tokens and half
+# its time waiting on the host; docs/PERFORMANCE.md), and on the CPU
+PREFILL_TOKENS = {"cuda": 32768, "cpu": 8192}
 
 
 @dataclasses.dataclass
@@ -48,7 +52,8 @@ class EngineConfig:
         max_lanes: most branches per step (``None``: 2048 on a GPU, 64 on the CPU).
         graphs: capture the step as CUDA graphs (``None``: on CUDA).
         sync_every: steps between host checks for finished samples.
-        prefill_tokens: most padded prompt tokens in one prefill forward.
+        prefill_tokens: most padded prompt tokens in one prefill forward (``None``: ``PREFILL_TOKENS``, on
+            CUDA as many as half the free memory holds, ``prefill_bytes_per_token``).
         memory_fraction: share of the free device memory the pool (KV slots and logits) may take.
         deterministic: run the batch-invariant kernels on CUDA (``pmaccel.invariant``): a sample's
             tokens then do not depend on its companions, the pool size or the process count (``None``:
@@ -59,7 +64,7 @@ class EngineConfig:
     max_lanes: int | None = None
     graphs: bool | None = None
     sync_every: int = 8
-    prefill_tokens: int = 8192
+    prefill_tokens: int | None = None
     memory_fraction: float = 0.6
     deterministic: bool | None = None
 
@@ -178,6 +183,8 @@ class Runner:
         self.is_stop[[i for i in opts.stop_ids if 0 <= i < V]] = True
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows -> the captured step
         self.pool = torch.cuda.graph_pool_handle() if graphs else None  # one memory pool for every graph
+        self._staging: torch.Tensor | None = None  # pinned host buffer of ``upload`` (CUDA)
+        self._staged = torch.cuda.Event() if device.type == "cuda" else None  # its last copy to the device
 
     # ------------------------------------------------------------------ the step (capturable)
     def step(self, n: int) -> None:
@@ -225,25 +232,35 @@ class Runner:
                 gc.unfreeze()
 
     # ------------------------------------------------------------------ admission
+    def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The host tensors on the state's device, each with its shape and dtype. On CUDA they travel in one
+        copy from a pinned buffer that the host does not wait for (a copy from pageable memory waits for
+        every queued kernel first); on the CPU they are returned as they are."""
+        if self._staged is None:
+            return dict(host)
+        parts = [t.reshape(-1).long() for t in host.values()]
+        total = sum(p.numel() for p in parts)
+        if self._staging is None or self._staging.numel() < total:
+            # a buffer still being copied from is kept until its copy is done (torch's pinned-memory cache)
+            self._staging = torch.empty(max(total, 2 * (0 if self._staging is None else self._staging.numel())),
+                                        dtype=torch.long, pin_memory=True)
+        else:
+            self._staged.synchronize()  # the previous copy out of this buffer has been made
+        flat = torch.cat(parts, out=self._staging[:total]).to(self.state.index.device, non_blocking=True)
+        self._staged.record()
+        return {name: part.view(t.shape).to(t.dtype)
+                for (name, t), part in zip(host.items(), flat.split([p.numel() for p in parts]))}
+
     def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:
-        """Run the packed prompts of new samples into ``rows`` and set their lanes running."""
-        s, dev, K, G = self.state, self.state.index.device, self.K, self.opts.max_new_tokens
+        """Run the packed prompts of new samples into ``rows`` and set their lanes running.
+
+        Everything the admission needs from the host goes to the device in one copy (``upload``), and the
+        device-side writes take device indices only: the host never waits for the device here, so it
+        prepares the next forward while this one runs."""
+        s, K, G = self.state, self.K, self.opts.max_new_tokens
         batch = collate(packs, pad_id)
         n = batch.input_ids.shape[1]
-        r = torch.tensor(rows, device=dev)
-        meta = TokenMeta(*(t.to(dev) for t in batch.meta.astuple()))
-        for dst, src, empty in zip(s.keys.astuple(), meta.astuple(), (0, -1, False, False)):
-            dst[r] = empty
-            dst[r, :n] = src
-        self.cache.prefill(r, n)
-        positions = stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d).to(dev)  # [B, N(, 3)]
-        slots = torch.arange(n, device=dev).expand(len(packs), n)  # [B, N]: a prompt token's own slot
-        # logits only where a branch continues: E = every branch's last prompt token
-        b_idx = [b for b, p in enumerate(packs) for _ in p.last_index]
-        cols = [c for p in packs for c in p.last_index]
-        select = (torch.tensor(b_idx, device=dev), torch.tensor(cols, device=dev))
-        logits = self.call(batch.input_ids.to(dev), positions, meta, meta, slots, self.cache, select=select)  # [E, V]
-        # per lane, built as Python lists (no tensor operation per branch), then one copy to the device:
+        # per lane, built as Python lists (no tensor operation per branch):
         # (branch id, bpos, time of the last prompt token, active, first output slot, history length)
         idle = [-1, 0, 0, 0, self.S - 1, 0]
         table = []
@@ -253,7 +270,7 @@ class Runner:
                           for k, (b, bp, t) in enumerate(zip(p.branch_ids, bpos, p.last_time))]
                          + [idle] * (K - len(p.branch_ids)))
         lanes = torch.tensor(table, dtype=torch.long)  # [B, K, 6]
-        k_idx = [k for p in packs for k in range(len(p.branch_ids))]
+        history = None
         if s.history.shape[-1]:  # repetition penalty: each lane's main + branch ids, in time order
             history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
             for b, p in enumerate(packs):
@@ -262,16 +279,35 @@ class Runner:
                     history[b, k] = h[0]
                     history[b, k, : h.numel()] = h
                     lanes[b, k, 5] = h.numel()
-            s.history[r] = history.to(dev)
-        lanes = lanes.to(dev)
+        # logits only where a branch continues: E = every branch's last prompt token, lane k of batch row b
+        pick = torch.tensor([[b, c, k] for b, p in enumerate(packs) for k, c in enumerate(p.last_index)],
+                            dtype=torch.long).view(-1, 3)  # [E, 3]
+        host = {"rows": torch.tensor(rows), "index": torch.tensor(indices),
+                "n_real": torch.tensor([p.num_tokens for p in packs]), "input_ids": batch.input_ids,
+                "positions": stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d),
+                "pick": pick, "lanes": lanes, **dict(zip(("time", "branch", "is_main", "valid"), batch.meta.astuple()))}
+        if history is not None:
+            host["history"] = history
+        d = self.upload(host)
+        r = d["rows"]
+        meta = TokenMeta(d["time"], d["branch"], d["is_main"], d["valid"])
+        for dst, src, empty in zip(s.keys.astuple(), meta.astuple(), (0, -1, False, False)):
+            dst.index_fill_(0, r, empty)
+            dst[:, :n].index_copy_(0, r, src)
+        self.cache.prefill(r, n)
+        slots = torch.arange(n, device=r.device).expand(len(packs), n)  # [B, N]: a prompt token's own slot
+        pick = d["pick"]
+        logits = self.call(d["input_ids"], d["positions"], meta, meta, slots, self.cache,
+                           select=(pick[:, 0], pick[:, 1]))  # [E, V]
         for j, dst in enumerate((s.branch_id, s.bpos, s.last_time, s.active, s.base, s.hist_len)):
-            dst[r] = lanes[..., j].to(dst.dtype)
-        for t in (s.ngen, s.finish, s.out):
-            t[r] = 0
-        s.index[r] = torch.tensor(indices, device=dev)
-        s.n_real[r] = torch.tensor([p.num_tokens for p in packs], device=dev)
-        s.logits[r] = 0
-        s.logits[r[b_idx], torch.tensor(k_idx, device=dev)] = logits.to(s.logits.dtype)
+            dst.index_copy_(0, r, d["lanes"][..., j].to(dst.dtype))
+        if history is not None:
+            s.history.index_copy_(0, r, d["history"])
+        for t in (s.ngen, s.finish, s.out, s.logits):
+            t.index_fill_(0, r, 0)
+        s.index.index_copy_(0, r, d["index"])
+        s.n_real.index_copy_(0, r, d["n_real"])
+        s.logits.index_put_((r[pick[:, 0]], pick[:, 2]), logits.to(s.logits.dtype))
 
     def move_row(self, src: int, dst: int) -> None:
         for t in self.state.tensors():
@@ -280,9 +316,11 @@ class Runner:
 
     def clear_row(self, row: int | slice | torch.Tensor) -> None:
         s = self.state
-        s.active[row] = False
-        s.index[row] = -1
-        s.keys.valid[row] = False
+        for t, value in ((s.active, False), (s.index, -1), (s.keys.valid, False)):
+            if isinstance(row, torch.Tensor):
+                t.index_fill_(0, row, value)  # a scalar set through a tensor index would copy it from the host
+            else:
+                t[row] = value
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -335,7 +373,7 @@ class Engine:
 
     def _reset_stats(self) -> None:
         self.stats = dict(steps=0, capture_s=0.0, prefill_s=0.0, decode_s=0.0, prefills=0, rows=0, lanes=0,
-                          slots=0, samples=0, generated_tokens=0, graphs=0, row_moves=0)
+                          slots=0, samples=0, generated_tokens=0, graphs=0, row_moves=0, prefill_tokens=0)
 
     def release(self) -> None:
         """Free the KV memory, buffers and graphs (the OOM back-off calls this before retrying smaller)."""
@@ -355,6 +393,17 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             R = max(1, min(R, int(free * cfg.memory_fraction) // per_row))
         return R
+
+    def prefill_budget(self, longest: int) -> int:
+        """Most padded prompt tokens in one prefill forward, for prompts of up to ``longest`` tokens."""
+        if self.config.prefill_tokens is not None:
+            return self.config.prefill_tokens
+        budget = PREFILL_TOKENS.get(self.device.type, PREFILL_TOKENS["cpu"])
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = min(budget, free // 2 // prefill_bytes_per_token(self.model, longest))
+        return max(1, budget)
 
     def _runner(self, packs: Sequence[PackedSample], opts: Any) -> Runner:
         G = opts.max_new_tokens
@@ -422,6 +471,8 @@ class Engine:
         live: dict[int, int] = {}  # row -> position in packs
         started: dict[int, int] = {}  # row -> the step its sample was admitted at
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
+        budget = self.prefill_budget(max(p.num_tokens for p in packs))
+        st["prefill_tokens"] = budget
         steps = 0
         ready: list[Result] = []  # harvested, handed to the caller once the next steps are queued
         while pending or live:
@@ -432,7 +483,7 @@ class Engine:
                 while pending and free:
                     take.append((free.pop(), pending.pop()))
                 free.sort(reverse=True)
-                for chunk in _prefill_chunks(take, packs, cfg.prefill_tokens):
+                for chunk in _prefill_chunks(take, packs, budget):
                     rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
                     runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
                     live.update(chunk)
@@ -509,20 +560,32 @@ def _compact(runner: Runner, live: dict[int, int], free: list[int], started: dic
     return moves
 
 
+def prefill_bytes_per_token(model: Any, longest: int) -> int:
+    """Device memory one prompt token of a prefill forward may take at once, roughly: its hidden states and MLP
+    activations, and its row of the mask and key lists over a prompt of ``longest`` tokens."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = cfg.hidden_size
+    inner = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    itemsize = next(model.parameters()).element_size()
+    return (8 * hidden + 4 * inner) * itemsize + 32 * longest
+
+
 def _prefill_chunks(take: list[tuple[int, int]], packs, budget: int) -> Iterator[list[tuple[int, int]]]:
-    """Split (row, position) pairs into prefill batches of at most ``budget`` padded tokens (and at most
-    PREFILL_LANES branches, which bounds the logits)."""
+    """Split (row, position) pairs into prefill batches of at most ``budget`` padded tokens, of which at most a
+    quarter padding, and at most PREFILL_LANES branches (which bounds the logits)."""
     take = sorted(take, key=lambda rp: -packs[rp[1]].num_tokens)  # similar lengths together: less padding
     chunk: list[tuple[int, int]] = []
-    lanes = 0
+    lanes = real = 0
     for rp in take:
         p = packs[rp[1]]
-        if chunk and ((len(chunk) + 1) * max(p.num_tokens, packs[chunk[0][1]].num_tokens) > budget
+        padded = (len(chunk) + 1) * (packs[chunk[0][1]].num_tokens if chunk else p.num_tokens)  # the longest first
+        if chunk and (padded > budget or 4 * (padded - real - p.num_tokens) > budget
                       or lanes + len(p.branch_ids) > PREFILL_LANES):
             yield chunk
-            chunk, lanes = [], 0
+            chunk, lanes, real = [], 0, 0
         chunk.append(rp)
         lanes += len(p.branch_ids)
+        real += p.num_tokens
     if chunk:
         yield chunk
 

@@ -1,12 +1,24 @@
 """The decode engine (continuous batching over a pool of rows and lanes) against independent references:
 transformers' ``generate`` per branch, and each sample decoded alone."""
 
+import random
+import types
+
 import pytest
 import torch
 from conftest import SAMPLES, hf_generate, ids_sample, main_ids, tiny_model
 
 from pmaccel import generate
-from pmaccel.engine import Engine, EngineConfig, _bucket_for, _buckets
+from pmaccel.engine import (
+    PREFILL_LANES,
+    PREFILL_TOKENS,
+    Engine,
+    EngineConfig,
+    _bucket_for,
+    _buckets,
+    _prefill_chunks,
+    prefill_bytes_per_token,
+)
 from pmaccel.rope import patch_rope
 
 # more samples than the pool has rows, of different lengths and branch counts: rows free up at different
@@ -115,6 +127,54 @@ def generate_stream_first(model, tokenizer, samples, engine):
     first = next(stream)
     stream.close()
     return first
+
+
+def test_prefill_chunks_bound_tokens_padding_and_lanes():
+    """Every sample in one chunk, longest first; a chunk of more than one sample holds at most ``budget`` padded
+    tokens, of which at most a quarter padding, and at most PREFILL_LANES branches."""
+    rng = random.Random(0)
+    packs = [types.SimpleNamespace(num_tokens=rng.choice([1, 7, 30, 31, 200, 900]), branch_ids=[0] * rng.randint(1, 8))
+             for _ in range(400)]
+    for budget in (1, 64, 1000, 8192, 10**6):
+        take = [(row, pos) for row, pos in zip(range(1000, 1400), rng.sample(range(400), 400))]
+        chunks = list(_prefill_chunks(take, packs, budget))
+        assert sorted(rp for c in chunks for rp in c) == sorted(take)
+        lengths = [packs[pos].num_tokens for c in chunks for _, pos in c]
+        assert lengths == sorted(lengths, reverse=True)
+        for c in chunks:
+            n = [packs[pos].num_tokens for _, pos in c]
+            if len(c) > 1:
+                assert len(n) * n[0] <= budget and 4 * (len(n) * n[0] - sum(n)) <= budget
+            assert sum(len(packs[pos].branch_ids) for _, pos in c) <= PREFILL_LANES
+    few = [types.SimpleNamespace(num_tokens=t, branch_ids=[0]) for t in (100, 100, 100, 90, 10, 10)]
+    assert [[pos for _, pos in c] for c in _prefill_chunks(list(enumerate(range(6))), few, 400)] == [
+        [0, 1, 2, 3], [4, 5]]  # 100 x 4 = 400 tokens with 10 padding; a fifth row would pass the budget
+
+
+def test_prefill_budget_from_the_setting_the_device_and_its_free_memory(monkeypatch):
+    model = tiny_model("qwen2")
+    assert Engine(model).prefill_budget(50) == PREFILL_TOKENS["cpu"]
+    assert Engine(model, EngineConfig(prefill_tokens=12)).prefill_budget(50) == 12
+    engine = Engine(model)
+    engine.device = torch.device("cuda")  # the sizing only: nothing runs
+    per_token = prefill_bytes_per_token(model, 300)
+    assert per_token == (8 * 64 + 4 * 128) * 4 + 32 * 300  # the tiny fp32 model: hidden 64, MLP 128
+    for free, want in ((10**12, PREFILL_TOKENS["cuda"]), (2 * 1000 * per_token, 1000), (0, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**13))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+        assert engine.prefill_budget(300) == want
+
+
+def test_small_prefill_chunks_decode_the_same(ids_tokenizer):
+    """Prompts admitted in many small prefill forwards (padding and all) decode as in one."""
+    model = tiny_model("qwen2")
+    patch_rope(model, 0.5)
+    kw = dict(max_new_tokens=6, mask="columnar", branch_stride=32)
+    whole = generate(model, ids_tokenizer, MORE, **kw)
+    engine = Engine(model, EngineConfig(prefill_tokens=12))
+    assert generate(model, ids_tokenizer, MORE, engine=engine, **kw) == whole
+    assert engine.stats["prefills"] > len(MORE) // 2 and engine.stats["prefill_tokens"] == 12
 
 
 def test_buckets_bound_the_number_of_step_shapes():
