@@ -5,6 +5,7 @@ Used by the decode engine (``engine.py``), scoring and the attention views.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pmaccel.invariant import KEYS_KWARG, is_invariant, key_lists
+from pmaccel.invariant import KEYS_KWARG, is_invariant, key_lists, output_into
 from pmaccel.layout import TokenMeta, additive_mask, allowed
 from pmaccel.slots import fold_mask, mask_groups
 
@@ -42,12 +43,14 @@ class ModelCall:
         return cls(model, mask, dtype, _cache_name(type(_base(model))))
 
     def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None,
-                 select=None):
+                 select=None, into=None):
         """input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; query meta [B, Q]; key meta [B, S] (every
         slot the cache will hold after this call); query_slot: [B, Q]; ``cache=None``: no KV cache (one
         full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns),
         or [E, V] when ``select = (rows [E], columns [E])`` picks single tokens: the output layer then
-        runs on those E hidden states only."""
+        runs on those E hidden states only. ``into``: a tensor of the logits' shape and dtype that the
+        output layer writes them into where it can (the invariant kernels); the logits returned are
+        ``into`` itself then."""
         seen = allowed(query, keys, query_slot, self.mask)  # [B, Q, S]
         mask = additive_mask(seen, self.dtype)  # [B, 1, Q, S]
         groups = mask_groups(self.model)
@@ -64,9 +67,12 @@ class ModelCall:
             # hidden [B, Q, H] -> [1, E, H] before the output layer (any soft-capping after it still applies)
             hook = self.model.get_output_embeddings().register_forward_pre_hook(
                 lambda _module, args: (args[0][rows, cols][None], *args[1:]))
+        head = (output_into(self.model.get_output_embeddings().weight, into) if into is not None
+                else contextlib.nullcontext())
         try:
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=cache is not None, **kwargs)
+            with head:
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=cache is not None, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()

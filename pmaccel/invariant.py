@@ -376,15 +376,22 @@ def _unmoded(fn: Callable) -> Callable:
 
 @_unmoded
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           tiling: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+           tiling: tuple[int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with one K blocking for every shape: row i of the result depends on row i of ``x``
     alone, bit for bit, whatever the number of rows. ``tiling``: (rows, columns, warps, stages) per
-    program instead of ``gemm_tiling``'s choice (benchmarks compare them)."""
+    program instead of ``gemm_tiling``'s choice (benchmarks compare them). ``out``: a contiguous tensor of
+    the result's shape and ``x``'s dtype to write the result into (and return)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M, K = x2.shape
     N = weight.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        result = out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        if out.shape != (*shape[:-1], N) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"linear: out must be a contiguous {x.dtype} tensor of shape {(*shape[:-1], N)} on "
+                             f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        result, out = out, out.view(M, N)
     if M:
         bm, bn, warps, stages = tiling or gemm_tiling(M, N, x.element_size(), x.device)
         _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
@@ -392,7 +399,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BM=bm, BN=bn, BK=BLOCK_K, num_warps=warps, num_stages=stages)
-    return out.reshape(*shape[:-1], N)
+    return result.reshape(*shape[:-1], N)
 
 
 @_unmoded
@@ -795,17 +802,32 @@ class _InvariantOps(TorchFunctionMode):
     makes ``sort`` stable (top-p sorts the scores: equal scores must come out in one order).
 
     ``groups`` (``linear_groups``): the first of a group's layers to be called on an input runs the whole
-    group's GEMM; its siblings' results wait for their own calls on that same input."""
+    group's GEMM; its siblings' results wait for their own calls on that same input. ``into``
+    (``output_into``): where the next call with a weight writes its result."""
 
     def __init__(self, groups: dict[int, tuple[torch.nn.Linear, ...]] | None = None):
         super().__init__()
         self.groups = groups or {}
         self.ready: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self.into: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> _InvariantOps:
+        _MODES.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        _MODES.remove(self)
+        self.into.clear()
+        super().__exit__(*exc)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ready = self.ready.pop(id(weight), None)
         if ready is not None and ready[0] is x and ready[1] is weight and ready[2] is bias:
             return ready[3]
+        dest = self.into.pop(id(weight), None)
+        if (dest is not None and dest.shape == (*x.shape[:-1], weight.shape[0]) and dest.dtype == x.dtype
+                and dest.device == x.device and dest.is_contiguous()):
+            return linear(x, weight, bias, out=dest)
         layers = self.groups.get(id(weight))
         i = next((i for i, layer in enumerate(layers or ()) if layer.weight is weight), None)
         if i is None or layers[i].bias is not bias:
@@ -835,6 +857,35 @@ class _InvariantOps(TorchFunctionMode):
             if dim in (-1, args[0].ndim - 1, (-1,), [-1]) and kwargs.get("dtype") is None:
                 return row_mean(args[0], keepdim)
         return func(*args, **kwargs)
+
+
+_MODES: list[_InvariantOps] = []  # the invariant modes entered and not yet left, innermost last
+
+
+@contextlib.contextmanager
+def output_into(weight: torch.Tensor, out: torch.Tensor) -> Iterator[None]:
+    """Inside ``invariant_mode``: the next ``F.linear`` with ``weight`` whose result has ``out``'s shape and
+    dtype (``out`` contiguous) writes it into ``out`` instead of a new tensor (a decode step's output layer
+    then writes the state's logits, without a copy of them afterwards); anywhere else nothing changes.
+
+    Args:
+        weight: the layer's weight.
+        out: where its result goes.
+
+    Example:
+        >>> with invariant_mode(model), output_into(model.lm_head.weight, logits):  # doctest: +SKIP
+        ...     model(input_ids=ids).logits.data_ptr() == logits.data_ptr()
+        True
+    """
+    ops = _MODES[-1] if _MODES else None
+    if ops is None:
+        yield
+        return
+    ops.into[id(weight)] = out
+    try:
+        yield
+    finally:
+        ops.into.pop(id(weight), None)
 
 
 @contextlib.contextmanager

@@ -130,6 +130,61 @@ def test_sibling_layers_are_computed_once_whichever_is_called_first(monkeypatch)
     assert id(model.model.layers[1].mlp.gate_proj.weight) not in invariant.linear_groups(model)
 
 
+def test_output_into_is_taken_by_the_next_call_of_its_weight_only(monkeypatch):
+    """``output_into``: inside the mode, the next F.linear with the weight whose result fits (shape, dtype, a
+    contiguous tensor) writes into the given tensor, once; a tensor that does not fit is left alone; outside the
+    mode nothing changes."""
+    F = torch.nn.functional
+    written = []
+
+    def fake_linear(x, w, b, out=None):  # the kernel's contract, on the CPU
+        written.append(out)
+        y = F.linear(x, w, b)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(invariant, "linear", fake_linear)
+    head = torch.nn.Linear(8, 5, bias=False)
+    x = torch.randn(2, 3, 8)
+    dest = torch.full((2, 3, 5), float("nan"))
+    with torch.no_grad():
+        with invariant.output_into(head.weight, dest):  # no mode entered: nothing to take it
+            assert not invariant._MODES
+        ops = invariant._InvariantOps({})
+        with ops:
+            with invariant.output_into(head.weight, dest):
+                got = ops.linear(x, head.weight, None)
+                again = ops.linear(x, head.weight, None)  # one call only
+            with invariant.output_into(head.weight, torch.empty(2, 3, 4)):  # another shape: a tensor of its own
+                other = ops.linear(x, head.weight, None)
+            with invariant.output_into(head.weight, torch.empty(2, 5, 3).transpose(1, 2)):  # not contiguous
+                ops.linear(x, head.weight, None)
+            with invariant.output_into(head.weight, dest.double()):  # another dtype
+                ops.linear(x, head.weight, None)
+            assert not ops.into
+        assert not invariant._MODES
+    assert got is dest and torch.equal(dest, head(x)) and torch.equal(again, dest) and again is not dest
+    assert torch.equal(other, head(x)) and written[0] is dest and written[1:] == [None] * 4
+
+
+def test_the_output_layer_writes_the_given_tensor_with_the_same_bits():
+    """On CUDA, a whole forward: the logits land in the tensor given (no copy), bit for bit those of a forward that
+    makes its own; ``linear(out=...)`` refuses a tensor that does not fit."""
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("runs the CUDA kernels")
+    model = _tiny_qwen2().to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 100, (3, 11), device="cuda")
+    with torch.no_grad(), invariant.invariant_mode(model):
+        ref = model(input_ids=ids).logits
+        into = torch.full_like(ref, float("nan"))
+        with invariant.output_into(model.get_output_embeddings().weight, into):
+            got = model(input_ids=ids).logits
+    assert got.data_ptr() == into.data_ptr() and torch.equal(into, ref)
+    x, w = torch.randn(4, 64, device="cuda"), torch.randn(10, 64, device="cuda")
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        invariant.linear(x, w, out=torch.empty(4, 9, device="cuda"))
+    assert torch.equal(invariant.linear(x, w, out=torch.empty(4, 10, device="cuda")), invariant.linear(x, w))
+
+
 def test_a_forward_runs_each_group_in_one_launch_with_the_same_bits(monkeypatch):
     """On CUDA, under ``invariant_mode``: the logits of a forward are those of the layer-by-layer GEMMs, bit for
     bit, with one ``linear_parts`` launch per q/k/v and per gate/up."""
