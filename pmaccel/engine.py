@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from pmaccel.forward import ModelCall
-from pmaccel.invariant import compile_ahead, invariant_mode, resolve
+from pmaccel.invariant import ModePlan, compile_ahead, invariant_mode, resolve
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
@@ -448,18 +448,20 @@ class Engine:
         if not packs:
             return
         batches = self._run(list(packs), list(indices), opts, pad_id, on_step)
+        plan = None  # what the invariant mode finds in the model on its first entry, reused by the others
         while True:
             # the engine's own modes hold only while its code runs, not while the caller handles results
-            with torch.inference_mode(), self.attention():
+            with torch.inference_mode(), self.attention(plan) as plan:
                 finished = next(batches, None)
             if finished is None:
                 return
             yield from finished
 
-    def attention(self) -> contextlib.AbstractContextManager:
-        """The attention (and, when deterministic, GEMM and norm) kernels the engine runs the model with."""
+    def attention(self, plan: ModePlan | None = None) -> contextlib.AbstractContextManager:
+        """The attention (and, when deterministic, GEMM and norm) kernels the engine runs the model with
+        (``plan``: what an earlier entry of ``invariant_mode`` yielded, for the same model)."""
         if resolve(self.config.deterministic, self.device):
-            return invariant_mode(self.model)
+            return invariant_mode(self.model, plan=plan)
         return grouped_attention(self.model)
 
     def _run(self, packs, indices, opts, pad_id, on_step) -> Iterator[list[Result]]:

@@ -46,6 +46,7 @@ CPU path is batch-invariant in fp32 as it is (tested).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -541,9 +542,10 @@ def _fusable_norm(module: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _fused_norms(model: Any) -> Iterator[None]:
-    """Every fusable RMSNorm of ``model`` runs ``rms_norm`` while the context lasts."""
-    norms = [m for m in model.modules() if _fusable_norm(m)]
+def _fused_norms(model: Any, norms: Sequence[Any] | None = None) -> Iterator[None]:
+    """Every fusable RMSNorm of ``model`` (or ``norms``, found so before) runs ``rms_norm`` while the context
+    lasts."""
+    norms = [m for m in model.modules() if _fusable_norm(m)] if norms is None else norms
     for m in norms:
         m.forward = lambda x, m=m: rms_norm(x, m.weight, m.variance_epsilon)
     try:
@@ -639,10 +641,11 @@ def _rope_modules(model: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _fused_rope(model: Any) -> Iterator[None]:
+def _fused_rope(model: Any, modules: Sequence[Any] | None = None) -> Iterator[None]:
     """The attention layers of ``model`` apply RoPE through ``rope`` while the context lasts (their modeling
-    module's ``apply_rotary_pos_emb`` is swapped for it, then restored)."""
-    modules = _rope_modules(model)
+    module's ``apply_rotary_pos_emb``, or that of ``modules`` found so before, is swapped for it, then
+    restored)."""
+    modules = _rope_modules(model) if modules is None else modules
     originals = [m.apply_rotary_pos_emb for m in modules]
     for m, fn in zip(modules, originals):
         m.apply_rotary_pos_emb = _fused_apply(fn)
@@ -888,21 +891,43 @@ def output_into(weight: torch.Tensor, out: torch.Tensor) -> Iterator[None]:
         ops.into.pop(id(weight), None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModePlan:
+    """What ``invariant_mode`` found in a model on entry: the GEMM groups, the fusable norms and the modeling
+    modules whose RoPE is swapped (three walks over the model's modules, a few ms)."""
+
+    groups: dict[int, tuple[torch.nn.Linear, ...]]
+    norms: list[Any]
+    rope_modules: list[Any]
+
+    @classmethod
+    def of(cls, model: Any) -> ModePlan:
+        return cls(linear_groups(model), [m for m in model.modules() if _fusable_norm(m)], _rope_modules(model))
+
+
 @contextlib.contextmanager
-def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
+def invariant_mode(model: Any, enabled: bool | None = True, *,
+                   plan: ModePlan | None = None) -> Iterator[ModePlan | None]:
     """Run ``model`` with the batch-invariant kernels (on CUDA; a no-op elsewhere or when not ``enabled``).
 
     Args:
         model: a transformers causal LM with sdpa or eager attention.
         enabled: ``False`` makes this a no-op, ``None`` uses the kernels where Triton is available
             (callers pass their ``deterministic`` setting).
+        plan: what an earlier entry for this model yielded: entered again (a decode's many short entries)
+            without looking through the model's modules again; the model must not have changed since.
+
+    Yields:
+        The ``ModePlan`` of this entry (``None`` where the mode is a no-op).
 
     Example:
-        >>> with invariant_mode(model):  # doctest: +SKIP
+        >>> with invariant_mode(model) as plan:  # doctest: +SKIP
+        ...     logits = model(input_ids=ids, attention_mask=mask4d).logits
+        >>> with invariant_mode(model, plan=plan):  # doctest: +SKIP
         ...     logits = model(input_ids=ids, attention_mask=mask4d).logits
     """
     if not resolve(enabled, next(model.parameters()).device):
-        yield
+        yield None
         return
     if triton is None:
         from pmaccel.errors import PMAccelError
@@ -910,11 +935,13 @@ def invariant_mode(model: Any, enabled: bool | None = True) -> Iterator[None]:
         raise PMAccelError("--deterministic on CUDA needs Triton (it ships with the CUDA builds of torch); "
                            "install torch with CUDA support or drop --deterministic", field="deterministic")
     _wait_ahead(model)  # the checks below then find the kernels compiled
+    plan = ModePlan.of(model) if plan is None else plan
     before = model.config._attn_implementation
     model.set_attn_implementation(INVARIANT_ATTENTION)
     try:
-        with _fused_norms(model), _fused_rope(model), _InvariantOps(linear_groups(model)):
-            yield
+        with (_fused_norms(model, plan.norms), _fused_rope(model, plan.rope_modules),
+              _InvariantOps(plan.groups)):
+            yield plan
     finally:
         model.set_attn_implementation(before)
 

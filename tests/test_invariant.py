@@ -389,6 +389,31 @@ def test_compile_ahead_leaves_nothing_to_compile_for_a_decode(monkeypatch, tmp_p
     assert len(results) == 12 and compiled() == ahead
 
 
+def test_the_engine_looks_through_the_model_once_per_run(monkeypatch):
+    """A decode enters the invariant mode at every harvest; only the first entry looks through the model's modules
+    (the others reuse its ``ModePlan``), and the tokens are those of fresh entries."""
+    import threading
+
+    from pmaccel import generate
+    from pmaccel.engine import Engine, EngineConfig
+
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("the mode runs on CUDA")
+    model = _tiny_qwen2(VOCAB).to("cuda", torch.bfloat16)
+    engine = Engine(model, EngineConfig(max_rows=2, sync_every=2))  # starts compile_ahead(model)
+    invariant._AHEAD[model].result()  # its own look at the model, in threads, done before counting
+    fresh = []
+    for i in range(12):  # each sample in a run of its own: a fresh plan each
+        fresh += generate(model, _word_tokenizer(), _rows(12)[i:i + 1], indices=[i], max_new_tokens=6, engine=engine)
+    walks, entries = [], []
+    original, enter = invariant.linear_groups, invariant._InvariantOps.__enter__
+    monkeypatch.setattr(invariant, "linear_groups", lambda m: walks.append(threading.current_thread()) or original(m))
+    monkeypatch.setattr(invariant._InvariantOps, "__enter__", lambda self: entries.append(1) or enter(self))
+    got = generate(model, _word_tokenizer(), _rows(12), max_new_tokens=6, engine=engine)
+    assert len(walks) == 1 and len(entries) > 3
+    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in fresh]
+
+
 def test_triton_key_is_read_back_while_its_files_are_unchanged(tmp_path):
     """Triton's cache key: computed and stored on the first run, read back on the next (nothing hashed), computed
     again once a file it covers changes or the stored copy is unreadable."""
