@@ -166,13 +166,17 @@ def test_output_into_is_taken_by_the_next_call_of_its_weight_only(monkeypatch):
     assert torch.equal(other, head(x)) and written[0] is dest and written[1:] == [None] * 4
 
 
+def _cuda_qwen2_and_ids() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The tiny Qwen2 in bf16 on CUDA and a batch of ids for it (skips without CUDA kernels)."""
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("runs the CUDA kernels")
+    return _tiny_qwen2().to("cuda", torch.bfloat16), torch.randint(0, 100, (3, 11), device="cuda")
+
+
 def test_the_output_layer_writes_the_given_tensor_with_the_same_bits():
     """On CUDA, a whole forward: the logits land in the tensor given (no copy), bit for bit those of a forward that
     makes its own; ``linear(out=...)`` refuses a tensor that does not fit."""
-    if not torch.cuda.is_available() or invariant.triton is None:
-        pytest.skip("runs the CUDA kernels")
-    model = _tiny_qwen2().to("cuda", torch.bfloat16)
-    ids = torch.randint(0, 100, (3, 11), device="cuda")
+    model, ids = _cuda_qwen2_and_ids()
     with torch.no_grad(), invariant.invariant_mode(model):
         ref = model(input_ids=ids).logits
         into = torch.full_like(ref, float("nan"))
@@ -188,10 +192,7 @@ def test_the_output_layer_writes_the_given_tensor_with_the_same_bits():
 def test_a_forward_runs_each_group_in_one_launch_with_the_same_bits(monkeypatch):
     """On CUDA, under ``invariant_mode``: the logits of a forward are those of the layer-by-layer GEMMs, bit for
     bit, with one ``linear_parts`` launch per q/k/v and per gate/up."""
-    if not torch.cuda.is_available() or invariant.triton is None:
-        pytest.skip("runs the CUDA kernels")
-    model = _tiny_qwen2().to("cuda", torch.bfloat16)
-    ids = torch.randint(0, 100, (3, 11), device="cuda")
+    model, ids = _cuda_qwen2_and_ids()
     with torch.no_grad(), invariant.invariant_mode(model):
         grouped = model(input_ids=ids).logits
     parts = []
