@@ -31,6 +31,7 @@ import torch
 from pmaccel.forward import ModelCall
 from pmaccel.invariant import ModePlan, compile_ahead, invariant_mode, resolve
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
+from pmaccel.model import text_config
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
 
@@ -567,7 +568,7 @@ def _compact(runner: Runner, live: dict[int, int], free: list[int], started: dic
 def prefill_bytes_per_token(model: Any, longest: int) -> int:
     """Device memory one prompt token of a prefill forward may take at once, roughly: its hidden states and MLP
     activations, and its row of the mask and key lists over a prompt of ``longest`` tokens."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     hidden = cfg.hidden_size
     inner = getattr(cfg, "intermediate_size", None) or 4 * hidden
     itemsize = next(model.parameters()).element_size()

@@ -65,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 
 from pmaccel.embedded import cache_root
+from pmaccel.model import text_config
 
 try:
     import triton
@@ -541,11 +542,16 @@ def _fusable_norm(module: Any) -> bool:
     return _FUSABLE_NORMS[cls]
 
 
+def _fusable_norms(model: Any) -> list[Any]:
+    """The norm modules of ``model`` that ``rms_norm`` computes (``_fusable_norm``)."""
+    return [m for m in model.modules() if _fusable_norm(m)]
+
+
 @contextlib.contextmanager
 def _fused_norms(model: Any, norms: Sequence[Any] | None = None) -> Iterator[None]:
     """Every fusable RMSNorm of ``model`` (or ``norms``, found so before) runs ``rms_norm`` while the context
     lasts."""
-    norms = [m for m in model.modules() if _fusable_norm(m)] if norms is None else norms
+    norms = _fusable_norms(model) if norms is None else norms
     for m in norms:
         m.forward = lambda x, m=m: rms_norm(x, m.weight, m.variance_epsilon)
     try:
@@ -902,7 +908,7 @@ class ModePlan:
 
     @classmethod
     def of(cls, model: Any) -> ModePlan:
-        return cls(linear_groups(model), [m for m in model.modules() if _fusable_norm(m)], _rope_modules(model))
+        return cls(linear_groups(model), _fusable_norms(model), _rope_modules(model))
 
 
 @contextlib.contextmanager
@@ -948,7 +954,7 @@ def invariant_mode(model: Any, enabled: bool | None = True, *,
 
 def is_invariant(model: Any) -> bool:
     """Whether ``model`` currently runs the invariant attention (``ModelCall`` then passes the key lists)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return cfg._attn_implementation == INVARIANT_ATTENTION
 
 

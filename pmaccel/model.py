@@ -21,6 +21,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def text_config(model: Any) -> Any:
+    """The config of ``model``'s language model (its text config where the model has several)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def resolve_device(device: str | torch.device = DEFAULT_DEVICE) -> torch.device:
     """``"auto"``: the first CUDA device if there is one, else the CPU."""
     if isinstance(device, torch.device):

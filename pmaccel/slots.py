@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pmaccel.invariant import slot_write
+from pmaccel.model import text_config
 
 GROUPED_SDPA = "pmaccel_grouped_sdpa"
 # Folded attention kernel: two GEMMs and a softmax ("matmul") beat torch's fused kernels ("sdpa") on
@@ -65,7 +66,7 @@ def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
 def mask_groups(model: Any) -> int:
     """How many query heads share a KV head when ``model`` runs ``grouped_sdpa`` (the mask can then be
     folded once per forward); 1 otherwise."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     if cfg._attn_implementation != GROUPED_SDPA or getattr(cfg, "attn_logit_softcapping", None) is not None:
         return 1
     return cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -87,7 +88,7 @@ def grouped_attention(model: Any):
 
 def kv_bytes_per_slot(model: Any) -> int:
     """Bytes of K and V for one token over all layers (from the config; sizes the pool)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

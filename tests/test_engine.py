@@ -167,14 +167,20 @@ def test_prefill_budget_from_the_setting_the_device_and_its_free_memory(monkeypa
 
 
 def test_small_prefill_chunks_decode_the_same(ids_tokenizer):
-    """Prompts admitted in many small prefill forwards (padding and all) decode as in one."""
+    """Prompts admitted in many small prefill forwards (padding and all): isolated, each branch is transformers'
+    ``generate`` on its own prompt; columnar with 2D RoPE, each sample decodes as decoded alone."""
     model = tiny_model("qwen2")
+    engine = Engine(model, EngineConfig(prefill_tokens=12))
+    got = generate(model, ids_tokenizer, MORE, max_new_tokens=6, mask="isolated", engine=engine)
+    assert engine.stats["prefills"] > len(MORE) // 2 and engine.stats["prefill_tokens"] == 12
+    for s, r in zip(MORE, got, strict=True):
+        for b, ids in zip(s["branches"], r["output_ids"], strict=True):
+            assert ids == hf_generate(model, main_ids(s) + b["input_ids"], 6)
     patch_rope(model, 0.5)
     kw = dict(max_new_tokens=6, mask="columnar", branch_stride=32)
-    whole = generate(model, ids_tokenizer, MORE, **kw)
+    alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(MORE)]
     engine = Engine(model, EngineConfig(prefill_tokens=12))
-    assert generate(model, ids_tokenizer, MORE, engine=engine, **kw) == whole
-    assert engine.stats["prefills"] > len(MORE) // 2 and engine.stats["prefill_tokens"] == 12
+    assert generate(model, ids_tokenizer, MORE, engine=engine, **kw) == alone
 
 
 def test_buckets_bound_the_number_of_step_shapes():
