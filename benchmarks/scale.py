@@ -22,6 +22,8 @@ a cold cache for each --num_workers value, with the peak RSS of that process (wo
 computes, so the launched run reads, tokenizes, resumes every sample and merges: the memory of the
 resume and of the merge at a size whose decoding would take hours on a small CPU. With --fresh the part
 file's own pass tokenizes under a cache of its own, so the launched run still starts from a cold cache.
+--max_samples N runs only the first N samples after reading and tokenizing every row: a fresh run's work before
+its first forward, without decoding every sample (which takes hours on a small CPU).
 --tokenizer DIR gives the model a tokenizer from a directory instead of the embedded model's (a machine
 without the embedded model's package). On a GPU machine the GPUs are hidden from the run.
 """
@@ -148,6 +150,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="a cold datasets cache (a fresh HF_DATASETS_CACHE)")
     ap.add_argument("--prepare", default="", help="time reading + tokenizing alone at these --num_workers values")
     ap.add_argument("--merge_only", action="store_true", help="every sample resumed from a part file: no decoding")
+    ap.add_argument("--max_samples", type=int, default=0,
+                    help="pmaccel --max_samples: every row is read and tokenized, only this many samples run")
     ap.add_argument("--tokenizer", default=None,
                     help="a tokenizer directory for the model (default: the embedded SmolLM2 model's)")
     args = ap.parse_args()
@@ -167,6 +171,7 @@ def main() -> None:
            "-m", "pmaccel", "--base_model", str(model), "--data_path", str(rows), "--out_path", str(out),
            "--max_new_tokens", "1", "--device", "cpu", "--num_workers", str(args.num_workers)]
     cmd += ["--resume"] if args.merge_only else ["--no_resume"]
+    cmd += ["--max_samples", str(args.max_samples)] if args.max_samples else []
     # a CPU benchmark: on a GPU machine the GPUs are hidden (4 launched ranks on a 1-GPU machine fail otherwise)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath(), "CUDA_VISIBLE_DEVICES": ""}
     if args.fresh:
