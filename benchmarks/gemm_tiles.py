@@ -5,7 +5,7 @@
 
 For every weight shape of the model (q/k/v/o, gate/up, down, the output head) and a range of row counts,
 times ``pmaccel.invariant``'s GEMM kernel under each candidate tiling (rows x columns per program, warps,
-pipeline stages; the K block stays 64, so every tiling sums a product's terms in the same order) and
+pipeline stages; the K block is `k_block`'s, and every tiling sums a product's terms in the same order) and
 ``F.linear`` (cuBLAS), and checks that each tiling's output is bit-identical to the wide tiling's and
 that a row's result does not depend on how many rows share the call. Prints, per shape and row count,
 the tiling ``pmaccel.invariant.gemm_tiling`` chooses and the fastest bit-identical one. With ``--graph``

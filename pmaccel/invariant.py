@@ -10,7 +10,9 @@ kernels with one fixed reduction order whatever the shapes:
     F.linear          a tiled GEMM without split-K: each output element sums its K products in blocks
                       of BLOCK_K, in one order, whatever M is; the output tile (rows x columns per
                       program) is chosen from the grid it makes (small tiles where large ones would
-                      leave the device's multiprocessors idle), which changes no element's sum
+                      leave the device's multiprocessors idle), which changes no element's sum; a long
+                      K on a narrow tile is read in blocks of twice that, whose MMA steps chain into
+                      the accumulator in the same order (the same bits: ``k_block``)
     mean(dim=-1)      (RMSNorm) one program per row, the row summed in one fixed tree
     RMSNorm modules   the same sum, fused with the rest of the norm into one kernel (one launch instead
                       of ~8 elementwise ones per norm: a decode step is bound by its kernel count), for
@@ -84,6 +86,9 @@ WIDE_TILE, NARROW_TILE = (128, 128, 8, 3), (64, 64, 4, 4)
 HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage (2-byte types only)
 DEEP_NARROW_TILE = (64, 64, 4, 6)  # the narrow tile with two more stages (2-byte types: their stages fit)
 SKINNY_TILE = (64, 16, 4, 6)  # few rows of a narrow weight: four times the programs of the narrow tile
+# a reduction this long (an MLP's down projection) on a 64-row tile is read LONG_K_BLOCK at a time, with one
+# pipeline stage less (``k_block``)
+LONG_K, LONG_K_BLOCK = 2048, 128
 KEY_CHUNK = 512  # keys per attention chunk: a query's list is summed chunk by chunk, then the chunks merged
 # keys per block (the chunk's inner sum), keys per chunk, warps, pipeline stages; 4-byte types take half the keys
 # per block, so that two stages of K and V blocks fit in the shared memory of smaller cards. On H200, bf16, the
@@ -395,12 +400,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                              f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         result, out = out, out.view(M, N)
     if M:
-        bm, bn, warps, stages = tiling or gemm_tiling(M, N, x.element_size(), x.device)
+        tiling = tiling or gemm_tiling(M, N, x.element_size(), x.device)
+        bm, bn, warps, _ = tiling
+        bk, stages = k_block(K, tiling, x.element_size(), x.device)
         _linear_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             x2, weight, bias if bias is not None else out, out, M, N, K,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BM=bm, BN=bn, BK=BLOCK_K, num_warps=warps, num_stages=stages)
+            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return result.reshape(*shape[:-1], N)
 
 
@@ -422,14 +429,16 @@ def linear_parts(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
     outs = [torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
     if M:
         Ns = [w.shape[0] for w in weights]
-        bm, bn, warps, stages = tiling or gemm_tiling(M, sum(Ns), x.element_size(), x.device)
+        tiling = tiling or gemm_tiling(M, sum(Ns), x.element_size(), x.device)
+        bm, bn, warps, _ = tiling
+        bk, stages = k_block(K, tiling, x.element_size(), x.device)
         pad = lambda seq, fill: [*seq, *[fill] * (3 - len(seq))]  # noqa: E731  (absent parts: no tiles)
         tiles = sum(triton.cdiv(n, bn) for n in Ns)
         _linear_parts_kernel[(triton.cdiv(M, bm), tiles)](
             x2, *pad(weights, weights[0]), *pad(biases if has_bias else [outs[0]], outs[0]), *pad(outs, outs[0]),
             M, *pad(Ns, 0), K, x2.stride(0), x2.stride(1), *pad([w.stride(0) for w in weights], 0),
             HAS_BIAS=has_bias, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BM=bm, BN=bn, BK=BLOCK_K, num_warps=warps, num_stages=stages)
+            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return [o.reshape(*shape[:-1], o.shape[-1]) for o in outs]
 
 
@@ -474,7 +483,35 @@ def gemm_tilings(itemsize: int, N: int | None = None,
     return chosen
 
 
+def k_block(K: int, tiling: tuple[int, int, int, int], itemsize: int, device: torch.device) -> tuple[int, int]:
+    """The K block and pipeline stages of a GEMM over ``K`` under ``tiling``: ``(BLOCK_K, its stages)``, or for a
+    long K (``LONG_K`` or more) on a 64-row tile of a 2-byte type ``(LONG_K_BLOCK, one stage less)`` where the
+    device's shared memory holds those stages. A program then runs half the loop iterations over K; its
+    ``tl.dot`` still issues one MMA step per 16 products of K, in order, into one fp32 accumulator, so every
+    element's sum, and every result bit, is that of ``BLOCK_K`` (checked on H200 by
+    ``benchmarks/gemm_tiles.py`` and the GPU tests). On H200, bf16, each launch replayed from a CUDA graph, the
+    Qwen2.5-0.5B down projection (K = 4864) took 15.3 us instead of 19.4 at 512 rows and 10.2-10.8 us instead
+    of 13.0-13.1 at 8-64 rows; the wide tile and K = 896 (q/k/v/o, gate/up) were not faster so."""
+    bm, bn, _, stages = tiling
+    if K < LONG_K or bm != NARROW_TILE[0] or itemsize > 2:
+        return BLOCK_K, stages
+    need = (stages - 1) * (bm + bn) * LONG_K_BLOCK * itemsize + SHARED_MEMORY_SPARE
+    return (LONG_K_BLOCK, stages - 1) if need <= _shared_memory(device) else (BLOCK_K, stages)
+
+
+SHARED_MEMORY_SPARE = 8192  # bytes of a program's shared memory besides its pipeline's blocks (barriers, epilogue)
 _SMS: dict[int, int] = {}
+_SHARED: dict[int, int] = {}
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on ``device`` (0 where unknown: Triton's interpreter)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED:
+        _SHARED[index] = int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+    return _SHARED[index]
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -1132,7 +1169,8 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             continue
         Ns, K = [layer.weight.shape[0] for layer in layers], w0.shape[1]
         for tiling in gemm_tilings(w0.element_size(), sum(Ns), device):
-            once(("parts", *(N % 16 == 0 for N in Ns), K % 16 == 0, b0 is None, w0.dtype, tiling),
+            once(("parts", *(N % 16 == 0 for N in Ns), K % 16 == 0, b0 is None, w0.dtype, tiling,
+                  k_block(K, tiling, w0.element_size(), device)),
                  lambda layers=layers, K=K, tiling=tiling: linear_parts(
                      zeros(1, K, dtype=layers[0].weight.dtype), [layer.weight for layer in layers],
                      [layer.bias for layer in layers], tiling=tiling))
@@ -1141,7 +1179,8 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             w, b = m.weight, m.bias
             N, K = w.shape
             for tiling in gemm_tilings(w.element_size(), N, device):
-                once(("linear", N % 16 == 0, K % 16 == 0, b is None, w.dtype, tiling),
+                once(("linear", N % 16 == 0, K % 16 == 0, b is None, w.dtype, tiling,
+                      k_block(K, tiling, w.element_size(), device)),
                      lambda w=w, b=b, K=K, tiling=tiling: linear(zeros(1, K, dtype=w.dtype), w, b, tiling=tiling))
         elif type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor):
             n = m.weight.shape[-1]

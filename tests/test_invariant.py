@@ -78,6 +78,47 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
 
 
+def test_a_long_k_is_read_in_larger_blocks_on_narrow_tiles_where_shared_memory_holds_them(monkeypatch):
+    """``k_block``: ``LONG_K_BLOCK`` with one stage less for K of ``LONG_K`` or more on a 64-row tile of a 2-byte
+    type, where the device's shared memory holds the stages; ``BLOCK_K`` and the tiling's stages otherwise."""
+    dev = torch.device("cuda", 0)
+    long_k, plain = invariant.LONG_K, invariant.BLOCK_K
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 227 * 1024)  # an H100's or H200's
+    for tiling in (invariant.DEEP_NARROW_TILE, invariant.SKINNY_TILE, invariant.NARROW_TILE):
+        assert invariant.k_block(long_k, tiling, 2, dev) == (invariant.LONG_K_BLOCK, tiling[3] - 1)
+        assert invariant.k_block(long_k - 1, tiling, 2, dev) == (plain, tiling[3])  # a short K
+        assert invariant.k_block(long_k, tiling, 4, dev) == (plain, tiling[3])  # fp32: twice the shared memory
+    for tiling in (invariant.WIDE_TILE, invariant.HALF_WAVE_TILE):  # 128-row tiles: slower so on H200
+        assert invariant.k_block(4 * long_k, tiling, 2, dev) == (plain, tiling[3])
+    deep = invariant.DEEP_NARROW_TILE  # 5 stages of 64 x 128 and 128 x 64 bf16 blocks: 160 KiB
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 112 * 1024)  # a card with less
+    assert invariant.k_block(long_k, deep, 2, dev) == (plain, deep[3])
+    assert invariant.k_block(long_k, invariant.SKINNY_TILE, 2, dev) == (invariant.LONG_K_BLOCK, 5)  # 100 KiB
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 0)  # unknown (Triton's interpreter)
+    assert invariant.k_block(long_k, deep, 2, dev) == (plain, deep[3])
+
+
+def test_a_long_k_block_gives_the_bits_of_the_short_one(monkeypatch):
+    """bf16 on CUDA: the long K block gives ``BLOCK_K``'s bits at every narrow tiling, for a K that is a whole number
+    of long blocks and one that is not, and a row's bits still do not depend on the other rows."""
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("the MMA steps of a CUDA device")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(11)
+    for K in (4864, 4160):
+        x = torch.randn(300, K, generator=g).to(dev, torch.bfloat16)
+        w = (torch.randn(200, K, generator=g) * K**-0.5).to(dev, torch.bfloat16)
+        for tiling in (invariant.DEEP_NARROW_TILE, invariant.SKINNY_TILE):
+            if invariant.k_block(K, tiling, 2, dev)[0] != invariant.LONG_K_BLOCK:
+                continue  # this card's shared memory does not hold the long blocks' stages
+            long = invariant.linear(x, w, tiling=tiling)
+            assert torch.equal(invariant.linear(x[5:8], w, tiling=tiling), long[5:8])
+            with monkeypatch.context() as m:
+                m.setattr(invariant, "LONG_K", K + 1)
+                assert invariant.k_block(K, tiling, 2, dev)[0] == invariant.BLOCK_K
+                assert torch.equal(invariant.linear(x, w, tiling=tiling), long)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sibling_gemms_in_one_launch_give_each_layers_bits(dtype):
     """``linear_parts``: two or three weights of one input (widths that are not whole tiles), with and without
@@ -360,11 +401,13 @@ def test_compile_ahead_launches_each_kernel_variant_once(monkeypatch):
 
 def test_compile_ahead_leaves_nothing_to_compile_for_a_decode(monkeypatch, tmp_path):
     """After compile_ahead, a whole decode (prefill, graph captures, steps) launches only compiled variants
-    (fp16: no other test compiles for it, so every variant is new here)."""
+    (fp16: no other test compiles for it, so every variant is new here), the down projection's (K = 136) with
+    the long K block on its narrow tilings."""
     from pmaccel import generate
 
     if not torch.cuda.is_available() or invariant.triton is None:
         pytest.skip("compiles CUDA kernels")
+    monkeypatch.setattr(invariant, "LONG_K", 136)
     model = _tiny_qwen2(VOCAB).to("cuda", torch.float16)
     kernels = (invariant._linear_kernel, invariant._linear_parts_kernel, invariant._rms_norm_kernel,
                invariant._rope_kernel, invariant._slot_write_kernel, *invariant.ATTENTION_KERNELS)
