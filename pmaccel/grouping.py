@@ -40,7 +40,9 @@ from pmaccel.rows import (
 from pmaccel.samples import tokenize_sample
 
 TOKENIZE_RANGE = 500_000  # rows tokenized per Dataset.map call (the pages a process reads are released after)
-TOKENIZE_BATCH = 10_000  # rows per call of the tokenizing function (one tokenizer call; one Arrow record batch)
+TOKENIZE_BATCH = 10_000  # rows per call of the tokenizing function (one tokenizer call; one Arrow record batch:
+# mapping a table reads every batch's header, and each header read brings its neighbouring pages into the
+# process's resident memory, so the batch count is what a mapped token table costs a process)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def tokenize_rows(rows: Any, tokenizer: Any, grouping: Grouping, *, count: Calla
     fn = _Tokenize(tokenizer, grouping, count, lists_as_json, keep_ids)
     fingerprint = _digest([rows._fingerprint, _tokenizer_digest(tokenizer), grouping.chat_template,
                            grouping.max_total_tokens, grouping.vocab_size, count_name, lists_as_json, keep_ids,
-                           LAYOUT])
+                           LAYOUT, TOKENIZE_BATCH])
     if not len(rows):  # every row skipped
         return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
     parts = []
@@ -142,8 +144,8 @@ def tokenize_rows(rows: Any, tokenizer: Any, grouping: Grouping, *, count: Calla
         part = rows if end - start == len(rows) else remapped(rows).select(range(start, end))
         nproc = num_workers if num_workers > 1 and len(part) > TOKENIZE_BATCH else None
         with _quiet_datasets():
-            parts.append(part.map(fn, batched=True, batch_size=TOKENIZE_BATCH, num_proc=nproc, features=features,
-                                  remove_columns=rows.column_names,
+            parts.append(part.map(fn, batched=True, batch_size=TOKENIZE_BATCH, writer_batch_size=TOKENIZE_BATCH,
+                                  num_proc=nproc, features=features, remove_columns=rows.column_names,
                                   new_fingerprint=fingerprint if part is rows else _digest([fingerprint, start, end])))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 

@@ -122,3 +122,17 @@ def test_an_empty_branch_is_named_when_counted_in_a_batch(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"branches": ["the cat", "   ", "a dog"]}])
     with pytest.raises(PMAccelError, match=r"rows.jsonl:1: branches\[1\]: branch is empty after tokenization"):
         make_samples(read_rows(path), make_tokenizer(), Grouping())
+
+
+def test_the_token_table_holds_one_record_batch_per_tokenizer_call(tmp_path, monkeypatch):
+    """Mapping a table touches every record batch's header (and the pages around it): the token table is
+    written a call's rows per batch, not datasets' default of 1000 rows."""
+    import pmaccel.grouping
+    from pmaccel.grouping import tokenize_rows
+    from pmaccel.rows import load_rows
+
+    monkeypatch.setattr(pmaccel.grouping, "TOKENIZE_BATCH", 1500)
+    rows = [{"branches": ["the cat", "a dog"]}] * 2500
+    valid, _ = load_rows(write_jsonl(tmp_path / "rows.jsonl", rows)).check("raise")
+    tokens = tokenize_rows(valid, make_tokenizer(), Grouping())
+    assert [len(b) for b in tokens.data.to_batches()] == [1500, 1000]
