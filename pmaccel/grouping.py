@@ -16,7 +16,7 @@ import itertools
 import json
 import random
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ TOKENIZE_RANGE = 500_000  # rows tokenized per Dataset.map call (the pages a pro
 TOKENIZE_BATCH = 10_000  # rows per call of the tokenizing function (one tokenizer call; one Arrow record batch:
 # mapping a table reads every batch's header, and each header read brings its neighbouring pages into the
 # process's resident memory, so the batch count is what a mapped token table costs a process)
+GROUP_CHUNK = 65_536  # rows' token counts turned into Python values at a time while flat rows are grouped
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,8 @@ class SampleTable(TakeSequence):
     path: str
     rows: RowsView  # the valid rows
     tokens: Any  # ``tokenize_rows``' dataset, aligned with ``rows``
-    offsets: Any  # [S + 1]: sample s's rows are positions[offsets[s]:offsets[s + 1]]
-    positions: Any  # positions in ``rows``, sample by sample
+    offsets: Any  # [S + 1]: sample s's rows are positions[offsets[s]:offsets[s + 1]]; None: sample s is row s
+    positions: Any  # positions in ``rows``, sample by sample (None with ``offsets``)
     num_tokens: Any  # [S] prompt tokens
     num_branches: Any  # [S]
     flat: Any  # [S] bool
@@ -263,6 +264,8 @@ class SampleTable(TakeSequence):
 
     def sample_rows(self, index: int) -> tuple[int, ...]:
         """Positions (in ``rows``) of sample ``index``'s rows."""
+        if self.offsets is None:
+            return (index,)
         return tuple(int(p) for p in self.positions[self.offsets[index]:self.offsets[index + 1]])
 
     def take(self, indices: Sequence[int], rows: dict[int, Row] | None = None,
@@ -325,8 +328,8 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
     import numpy as np
 
     columns = read_columns(tokens, ["flat", "num_tokens", "num_branches"], valid=["tok_error"])
-    flat, bad = columns["flat"].astype(bool), columns["tok_error"].astype(bool)
-    ntok, nbr = columns["num_tokens"].astype(np.int64), columns["num_branches"].astype(np.int64)
+    flat, bad = columns.pop("flat").astype(bool, copy=False), columns.pop("tok_error").astype(bool, copy=False)
+    ntok, nbr = columns.pop("num_tokens"), columns.pop("num_branches")
     found: list[int] = []  # positions of rows that cannot be used
 
     def on_bad(pos: int) -> None:
@@ -336,27 +339,32 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
         found.append(pos)
 
     limit = grouping.max_samples or None
-    offsets, positions, counts, kinds = array("q", [0]), array("q"), array("q"), array("b")
-    index = np.int32 if len(ntok) < 2**31 else np.int64  # per-sample columns: 4 bytes each where they fit
-    if not flat.any() and not bad.any():  # parallel rows only: one sample each
+    # the token table as it is: its columns were read above with plain reads, not through its mapping, and a
+    # new mapping beside the caller's would hold both mappings' pages at once (the peak of a 4M-row run)
+    if not flat.any() and not bad.any():  # parallel rows only: sample s is row s (no offsets or positions held)
         n = len(ntok) if limit is None else min(limit, len(ntok))
-        offsets, positions = np.arange(n + 1, dtype=index), np.arange(n, dtype=index)
-        counts, kinds = ntok[:n], np.zeros(n, dtype=bool)
+        samples = SampleTable(path=path, rows=rows, tokens=tokens, offsets=None, positions=None,
+                              num_tokens=ntok[:n].astype(np.int32), num_branches=nbr[:n].astype(np.int32),
+                              flat=np.zeros(n, dtype=bool))
     else:
-        for group, is_flat, load in itertools.islice(_groups(flat.tolist(), ntok.tolist(), bad.tolist(), grouping,
+        wide = len(ntok) >= 2**31
+        offsets, positions = array("q" if wide else "i", [0]), array("q" if wide else "i")  # 4 bytes where they fit
+        counts, kinds = array("q"), array("b")
+        for group, is_flat, load in itertools.islice(_groups(_items(flat), _items(ntok), _items(bad), grouping,
                                                              on_bad), limit):
             positions.extend(group)
             offsets.append(len(positions))
             counts.append(load)
             kinds.append(is_flat)
-    offsets, positions = np.asarray(offsets, dtype=index), np.asarray(positions, dtype=index)
-    kinds = np.asarray(kinds, dtype=bool)
-    counts = np.asarray(counts, dtype=np.int64)
-    branches = np.where(kinds, np.diff(offsets), nbr[positions[offsets[:-1]]] if len(positions) else 0)
-    # the token table as it is: its columns were read above with plain reads, not through its mapping, and a
-    # new mapping beside the caller's would hold both mappings' pages at once (the peak of a 4M-row run)
-    samples = SampleTable(path=path, rows=rows, tokens=tokens, offsets=offsets, positions=positions,
-                          num_tokens=counts.astype(np.int32), num_branches=branches.astype(np.int32), flat=kinds)
+        del flat, bad, ntok
+        offsets = np.frombuffer(offsets, dtype=offsets.typecode)
+        positions = np.frombuffer(positions, dtype=positions.typecode)
+        kinds = np.frombuffer(kinds, dtype=np.int8).astype(bool)
+        branches = np.where(kinds, np.diff(offsets), nbr[positions[offsets[:-1]]] if len(positions) else 0)
+        del nbr
+        samples = SampleTable(path=path, rows=rows, tokens=tokens, offsets=offsets, positions=positions,
+                              num_tokens=np.frombuffer(counts, dtype=np.int64).astype(np.int32),
+                              num_branches=branches.astype(np.int32), flat=kinds)
     more = []
     if found:
         got = rows.data[found]
@@ -364,23 +372,29 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
                         content=json.loads(text)) for p, n, text in zip(found, got["number"], got["fields"])]
     every = sorted([*skipped, *more], key=lambda s: s.number)
     if limit is not None and len(samples) == limit and len(samples):
-        last = rows[int(positions[-1])].number
+        last = rows[samples.sample_rows(len(samples) - 1)[-1]].number
         every = [s for s in every if s.number <= last]
     return samples, every
 
 
-def _groups(flat: list[bool], ntok: list[int], bad: list[bool], g: Grouping,
+def _items(column: Any) -> Iterator[Any]:
+    """The values of a numpy column as Python values, converted GROUP_CHUNK at a time (not a list of all)."""
+    for start in range(0, len(column), GROUP_CHUNK):
+        yield from column[start:start + GROUP_CHUNK].tolist()
+
+
+def _groups(flat: Iterable[bool], ntok: Iterable[int], bad: Iterable[bool], g: Grouping,
             on_bad: Callable[[int], None]) -> Iterator[tuple[list[int], bool, int]]:
     """``(row positions, flat, prompt tokens)`` per sample, in order; ``on_bad(position)`` for a row that cannot
     be used, when it is reached."""
     rng = random.Random(g.seed)
     group: list[int] = []  # positions of the flat rows of the sample being built
     target = load = 0
-    for pos, (is_flat, n) in enumerate(zip(flat, ntok)):
+    for pos, (is_flat, n, is_bad) in enumerate(zip(flat, ntok, bad)):
         if group and (not is_flat or len(group) >= target):
             yield group, True, load
             group = []
-        if bad[pos]:
+        if is_bad:
             on_bad(pos)
             continue
         if not is_flat:

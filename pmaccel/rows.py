@@ -221,25 +221,38 @@ def read_rows(data_path: str | Path | None = None, *, on_error: str = "raise", n
 def read_columns(data: Any, names: Sequence[str], valid: Sequence[str] = ()) -> dict[str, Any]:
     """Whole columns of a dataset as numpy arrays (``valid``: whether each value is non-null), read batch by
     batch from its cache files with plain reads: through the memory map, the OS's read-ahead would bring the
-    neighbouring list columns into this process's resident memory too."""
+    neighbouring list columns into this process's resident memory too. Each column is one array filled batch
+    by batch (no per-batch copies concatenated at the end: half the peak)."""
     import numpy as np
     import pyarrow as pa
 
-    out: dict[str, list] = {n: [] for n in [*names, *valid]}
     files = [f["filename"] for f in data.cache_files]
-    if data._indices is None and files and len(data.data) == len(data):
-        total = 0
+
+    def batches() -> Iterator[Any]:
         for name in files:
             with pa.OSFile(name) as source:
-                for batch in pa.ipc.open_stream(source):
-                    total += batch.num_rows
-                    for n in names:
-                        out[n].append(batch.column(n).to_numpy(zero_copy_only=False).copy())
-                    for n in valid:
-                        out[n].append(batch.column(n).is_valid().to_numpy(zero_copy_only=False))
-        if total == len(data):
-            return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
-        out = {n: [] for n in out}
+                yield from pa.ipc.open_stream(source)
+
+    if data._indices is None and files and len(data.data) == len(data):
+        out: dict[str, Any] = {}
+        at = 0
+        for batch in batches():
+            end = at + batch.num_rows
+            if end > len(data):  # not the table's rows alone: read through the table
+                at = -1
+                break
+            got = {n: batch.column(n).to_numpy(zero_copy_only=False) for n in names}
+            got.update({n: batch.column(n).is_valid().to_numpy(zero_copy_only=False) for n in valid})
+            for n, values in got.items():
+                column = out.get(n)
+                if column is None:
+                    column = out[n] = np.empty(len(data), dtype=values.dtype)
+                elif np.result_type(column, values) != column.dtype:  # e.g. a batch with nulls
+                    column = out[n] = column.astype(np.result_type(column, values))
+                column[at:end] = values
+            at = end
+        if at == len(data):
+            return {n: out[n] if n in out else np.zeros(0) for n in [*names, *valid]}
     table = data.with_format("arrow")[:]  # in memory, or not one table per file: through the table
     return {**{n: table.column(n).to_numpy() for n in names},
             **{n: table.column(n).is_valid().to_numpy(zero_copy_only=False) for n in valid}}

@@ -136,3 +136,29 @@ def test_the_token_table_holds_one_record_batch_per_tokenizer_call(tmp_path, mon
     valid, _ = load_rows(write_jsonl(tmp_path / "rows.jsonl", rows)).check("raise")
     tokens = tokenize_rows(valid, make_tokenizer(), Grouping())
     assert [len(b) for b in tokens.data.to_batches()] == [1500, 1000]
+
+
+def test_parallel_rows_only_are_one_sample_each_without_offsets(tmp_path, tok):
+    from pmaccel.grouping import group_samples, tokenize_rows
+
+    rows = [r for r in MIXED_ROWS if "branches" in r] * 3
+    table = read_rows(write_jsonl(tmp_path / "rows.jsonl", rows))
+    tokens = tokenize_rows(table.rows.data, tok, Grouping())
+    for limit, n in ((None, len(rows)), (5, 5)):
+        samples, _ = group_samples(table.rows, tokens, table.path, Grouping(max_samples=limit))
+        assert samples.offsets is None and samples.positions is None, "no identity arrays held"
+        assert [s.rows for s in samples] == [(i,) for i in range(n)]
+        assert [s.branches for s in samples] == [r.branches for r in table.rows][:n]
+        assert samples.num_branches.tolist() == [len(r["branches"]) for r in rows][:n]
+
+
+def test_flat_rows_are_grouped_over_token_counts_read_in_chunks(tmp_path, tok, monkeypatch):
+    import pmaccel.grouping
+
+    table = read_rows(write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS * 3))
+    grouping = Grouping(min_branches_per_sample=1, max_branches_per_sample=3, seed=5)
+    expected = make_samples(table, tok, grouping)[0]
+    monkeypatch.setattr(pmaccel.grouping, "GROUP_CHUNK", 2)
+    got = make_samples(table, tok, grouping)[0]
+    assert groups(got) == groups(expected) and [s.num_tokens for s in got] == [s.num_tokens for s in expected]
+    assert sorted(p for s in got for p in s.rows) == list(range(len(MIXED_ROWS) * 3))
