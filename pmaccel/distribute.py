@@ -1,7 +1,8 @@
 """Spreading samples over processes with Accelerate (SPEC §7), and the per-rank batch loop.
 
     agree_on_done    one gather before the loop: which samples are finished (a bit per sample)
-    shard            ``split_between_processes`` (padding on) over the unfinished sample indices (a tensor)
+    shard            this rank's share of the unfinished samples: ``split_between_processes`` (padding on) over
+                     their indices, computed from the done flags a chunk at a time
     run_batches      this rank's samples, batch by batch (``batch_end``); an OOM halves the batch and retries it
     broadcast_from_main / gather_to_main   the results the main process cannot read from the part files
                      itself (no shared filesystem) travel to it alone, a chunk of samples at a time
@@ -21,6 +22,9 @@ from typing import Any
 logger = logging.getLogger("pmaccel")
 
 
+SHARD_CHUNK = 1 << 20  # samples of the done flags scanned at a time when a rank's share is picked
+
+
 def agree_on_done(accelerator: Any, done: Any) -> Any:
     """Combine what each rank found in the part files it can see.
 
@@ -30,10 +34,11 @@ def agree_on_done(accelerator: Any, done: Any) -> Any:
 
     Returns:
         ``[S]`` bool: finished on some rank, the same on every rank (so the ranks agree on what is left
-        even without a shared filesystem). Ranks exchange one bit per sample, not indices.
+        even without a shared filesystem). Ranks exchange one bit per sample, not indices, and combine the
+        bits packed (one ``[S]`` array is unpacked, at the end).
 
     Example:
-        >>> todo = np.flatnonzero(~agree_on_done(accelerator, done))  # doctest: +SKIP
+        >>> mine = shard(accelerator, agree_on_done(accelerator, done))  # doctest: +SKIP
     """
     import numpy as np
     from accelerate.utils import gather_object
@@ -41,32 +46,47 @@ def agree_on_done(accelerator: Any, done: Any) -> Any:
     done = np.asarray(done, dtype=bool)
     if accelerator.num_processes == 1:
         return done
-    agreed = np.zeros(len(done), dtype=bool)
+    agreed = None
     for bits in gather_object([np.packbits(done)]):
-        agreed |= np.unpackbits(bits, count=len(done)).astype(bool)
-    return agreed
+        agreed = bits if agreed is None else agreed | bits
+    return np.unpackbits(agreed, count=len(done)).view(bool)
 
 
-def shard(accelerator: Any, indices: Any) -> Any:
-    """This rank's share of ``indices``: ``split_between_processes`` with padding (over a tensor, so a
-    million indices cost 8 MB), repeats dropped.
+def shard(accelerator: Any, done: Any) -> Any:
+    """This rank's share of the samples not ``done``: what ``split_between_processes`` with padding gives over
+    their indices (a contiguous slice of them per rank; a rank whose slice is one shorter than the longest
+    also gets the last index), repeats dropped, computed here from the flags a chunk at a time: no array of
+    every unfinished index, and no collective.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (its ``num_processes`` and ``process_index``).
+        done: ``[S]`` bool, the finished samples (the same on every rank: ``agree_on_done``).
 
     Returns:
-        A numpy array of sample indices, in the given order.
+        A numpy array of sample indices, ascending (int32 where every index fits, else int64).
 
     Example:
-        >>> shard(accelerator, np.arange(7))  # 3 processes: [0, 1, 2] / [3, 4] / [5, 6]  # doctest: +SKIP
+        >>> shard(accelerator, np.zeros(7, dtype=bool))  # 3 processes: [0, 1, 2] / [3, 4, 6] / [5, 6]  # doctest: +SKIP
     """
     import numpy as np
-    import torch
 
-    indices = np.asarray(indices, dtype=np.int64)
-    if not len(indices):
-        return indices
-    with accelerator.split_between_processes(torch.from_numpy(indices), apply_padding=True) as mine:
-        mine = np.asarray(mine.cpu().numpy() if isinstance(mine, torch.Tensor) else mine, dtype=np.int64)
-    _, first = np.unique(mine, return_index=True)
-    return mine[np.sort(first)]
+    done = np.asarray(done, dtype=bool)
+    dtype = np.int32 if len(done) < 2**31 else np.int64
+    world, rank = accelerator.num_processes, accelerator.process_index
+    todo = len(done) - int(np.count_nonzero(done))
+    per, extra = divmod(todo, world)
+    start = rank * per + min(rank, extra)
+    end = start + per + (1 if rank < extra else 0)
+    parts, seen = [], 0  # seen: unfinished samples before the chunk
+    for at in range(0, len(done), SHARD_CHUNK):
+        if seen >= end:
+            break
+        left = np.flatnonzero(~done[at:at + SHARD_CHUNK])
+        parts.append((left[max(0, start - seen):max(0, end - seen)] + at).astype(dtype))
+        seen += len(left)
+    if todo and extra and rank >= extra and not start < end == todo:  # padded with the last unfinished index
+        parts.append(np.array([len(done) - 1 - int(np.argmin(done[::-1]))], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def run_batches(

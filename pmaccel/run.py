@@ -36,6 +36,7 @@ from pmaccel.settings import Settings, settings_from_kwargs
 WRITE_EVERY_S = 1.0  # part files are appended and fsynced at most this often (and at the end)
 RUN_CHUNK = 8192  # samples of a rank's share materialised (and handed to the engine) at a time
 MERGE_CHUNK = 4096  # samples merged into the output at a time (and asked of other ranks without a shared disk)
+SORT_WINDOW = 32 * RUN_CHUNK  # a rank's samples are ordered longest first within windows of this many
 
 
 @dataclasses.dataclass
@@ -313,8 +314,6 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
 
 def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, started: float,
                 clock: _Phases) -> Records | None:
-    import numpy as np
-
     data_path = check_data_path(job.data_path(settings))  # every rank: a missing file is everyone's error
     with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
         rows = load_rows(data_path, num_workers=settings.num_workers)
@@ -345,8 +344,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     clock.mark("tokenize_s")
 
     done = distribute.agree_on_done(accelerator, _resume_state(settings, accelerator, out_path, table, keys))
-    mine = distribute.shard(accelerator, np.flatnonzero(~done))
-    mine = mine[np.argsort(-table.num_tokens[mine], kind="stable")]  # similar lengths together; an OOM shows early
+    mine = _longest_first(distribute.shard(accelerator, done), table.num_tokens)
     clock.mark("shard_s")
     clock.phases["peak_rss_before_run_gb"] = _peak_rss_gb()  # what reading, tokenizing and sharding took
     clock.phases.update(_resident_now_gb())  # and what is resident now: the process's own, or mapped files
@@ -356,8 +354,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
 
     accelerator.wait_for_everyone()  # every part file is complete
     clock.mark("gather_s")
-    records = _merge(accelerator, out_path, table, keys, skipped, job, settings, fresh=~done,
-                     started=started)
+    records = _merge(accelerator, out_path, table, keys, skipped, job, settings, done=done, started=started)
     clock.mark("write_s")
     clock.phases["peak_rss_gb"] = _peak_rss_gb()
     phases = distribute.gather_phases(accelerator, clock.phases)
@@ -372,6 +369,19 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     if accelerator.is_main_process:
         output.remove_part_files(output.find_part_files(out_path))
     return records
+
+
+def _longest_first(indices: Any, num_tokens: Any) -> Any:
+    """``indices`` by prompt tokens, longest first (stable), within each window of SORT_WINDOW of them: similar
+    lengths run together and an OOM shows early, and the sort's temporaries do not grow with the share (the
+    order in which a rank runs its samples changes no output: results are merged in sample order)."""
+    import numpy as np
+
+    out = np.empty_like(indices)
+    for at in range(0, len(indices), SORT_WINDOW):
+        window = indices[at:at + SORT_WINDOW]
+        out[at:at + len(window)] = window[np.argsort(-num_tokens[window], kind="stable")]
+    return out
 
 
 def _collect_from_here() -> None:
@@ -600,7 +610,7 @@ def _run_rank(settings: Settings, job: Job, accelerator: Any, model: Any, tokeni
 
 
 def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, skipped: list[Skipped], job: Job,
-           settings: Settings, fresh: Any, started: float) -> Records | None:
+           settings: Settings, done: Any, started: float) -> Records | None:
     """The main process writes the output: samples in order, MERGE_CHUNK at a time, each result read from the part
     files it sees (by offset) or, where it sees none (no shared filesystem), sent to it alone by the rank that
     has it, a chunk at a time; records go to the file line by line. The other ranks answer those requests.
@@ -635,7 +645,7 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
     def lines(found: output.PartResults) -> Iterator[dict]:
         last = -1
         for sample, rows, result in results(found):
-            if fresh[sample.index]:
+            if not done[sample.index]:  # computed in this run
                 count["computed"] += 1
                 count["tokens"] += job.tokens(result)
                 count["generated"] += sum(result.get("num_generated_tokens", []))
@@ -662,15 +672,22 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
 
 def _serve_results(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys) -> None:
     """A rank other than the main one: until the main process is done, send it the results it asks for that
-    this rank's part files hold (only those, only to it)."""
-    with output.PartResults(out_path) as own:
+    this rank's part files hold (only those, only to it). The part files are indexed at the first request:
+    where the main process sees every part file (a shared filesystem) it asks for nothing."""
+    own: output.PartResults | None = None
+    try:
         while (asked := distribute.broadcast_from_main(accelerator, None)) is not None:
             if not asked:
                 continue
+            if own is None:
+                own = output.PartResults(out_path)
             samples = table.take(asked, with_ids=False)
             where = own.locate([s.index for s in samples], keys.of(samples))
             mine = {s.index: own.read(int(e)) for s, e in zip(samples, where) if e >= 0}
             distribute.gather_to_main(accelerator, mine)
+    finally:
+        if own is not None:
+            own.close()
 
 
 def _summary(table: SampleTable, skipped: list[Skipped], count: dict[str, int], kept: list[dict], started: float,

@@ -70,10 +70,38 @@ def test_collectives_in_one_process():
 
     acc = Accelerator(cpu=True)
     assert distribute.gather_to_main(acc, {3: "c"}) == [{3: "c"}]
-    assert distribute.shard(acc, [4, 5, 6]).tolist() == [4, 5, 6] and distribute.shard(acc, []).tolist() == []
+    assert distribute.shard(acc, [True, False, True, False, False]).tolist() == [1, 3, 4]
+    assert distribute.shard(acc, []).tolist() == [] and distribute.shard(acc, [True, True]).tolist() == []
     done = np.zeros(7, dtype=bool)
     done[[2, 5]] = True
     assert distribute.agree_on_done(acc, done).tolist() == done.tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+def test_a_share_is_what_split_between_processes_gives_over_the_unfinished_indices(world, monkeypatch):
+    """``shard`` picks a rank's share from the done flags (a chunk at a time): the same indices, in the same order,
+    as ``split_between_processes`` with padding over every unfinished index, repeats dropped."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    monkeypatch.setattr(distribute, "SHARD_CHUNK", 7)  # shares that start and end inside and across chunks
+    rng = np.random.default_rng(world)
+    for size in (0, 1, 2, 3, 4, 5, 9, 30, 31, 64):
+        for p_done in (0.0, 0.3, 0.9, 1.0):
+            done = rng.random(size) < p_done
+            todo = np.flatnonzero(~done).tolist()
+            got = []
+            for index in range(world):
+                acc = SimpleNamespace(num_processes=world, process_index=index)
+                expected = []
+                if todo:  # (accelerate pads an empty list with its last item)
+                    with PartialState.split_between_processes(acc, todo, apply_padding=True) as split:
+                        expected = list(dict.fromkeys(split))
+                share = distribute.shard(acc, done)
+                assert share.tolist() == expected, (size, p_done, index)
+                got += share.tolist()
+            assert set(got) == set(todo)
 
 
 # ----------------------------------------------------------------------------- whole runs, several processes

@@ -144,3 +144,20 @@ def test_the_resume_checks_are_split_among_the_processes_of_a_machine(tmp_path, 
     assert sorted(i for got in asked.values() for i in got) == [0, 2, 3, 5, 8, 9, 11]  # each key computed once
     assert all(i % 3 == local for local, got in asked.items() for i in got)  # sample i: process i % 3
     assert np.flatnonzero(found).tolist() == [0, 2, 3, 5, 8, 9, 11]
+
+
+def test_a_share_runs_longest_first_within_windows_and_every_sample_once(monkeypatch):
+    import numpy as np
+
+    from pmaccel import run
+
+    monkeypatch.setattr(run, "SORT_WINDOW", 5)
+    rng = np.random.default_rng(0)
+    num_tokens = rng.integers(1, 9, size=40).astype(np.int32)
+    share = np.sort(rng.choice(40, size=23, replace=False)).astype(np.int32)
+    order = run._longest_first(share, num_tokens)
+    assert sorted(order.tolist()) == share.tolist() and order.dtype == share.dtype
+    for at in range(0, 23, 5):  # each window: its own samples, longest first, ties in share order
+        window = share[at:at + 5].tolist()
+        assert order[at:at + 5].tolist() == sorted(window, key=lambda i: -num_tokens[i])
+    assert run._longest_first(share[:0], num_tokens).tolist() == []
