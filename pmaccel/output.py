@@ -5,7 +5,7 @@ plus the per-rank part files that make a run resumable.
     sample_keys         what a finished sample is remembered by: (index, settings, sample) digest
     PartWriter          each rank appends its finished samples, flushed and fsynced per batch
     PartResults         every part file of any world size: where each finished result lies, by (index, key)
-                        (numpy offsets, not results)
+                        (numpy offsets, not results; sorted a range of indices at a time, the rest on disk)
     row_records         a sample's result -> the output records of its rows
     write_jsonl         ``<path>.tmp`` then ``os.replace``: no partial or overwritten output on error
     write_json          the same for ``<out>.summary.json`` (dataset totals of score / compare / leakage)
@@ -23,9 +23,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import struct
 import sys
 import tempfile
-from array import array
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,10 +139,30 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+INDEX_RANGE = 1 << 19  # sample indices whose results' places PartResults holds sorted in memory at once
+INDEX_BUFFER = 16 << 20  # bytes of places PartResults gathers in memory before they go to files on disk
+_PLACE = None  # numpy dtype of one place (set on first use: numpy loads with a run)
+
+
+def _place_dtype() -> Any:
+    import numpy as np
+
+    global _PLACE
+    if _PLACE is None:  # 26 bytes, packed: index, key digest, file, byte offset
+        _PLACE = np.dtype([("index", "<i8"), ("key", "<u8"), ("file", "<u2"), ("offset", "<i8")])
+    return _PLACE
+
+
 class PartResults:
     """Where each finished result lies in the part files this process can see, by ``(sample index, key)``:
-    sorted numpy arrays of (index, key digest, file, byte offset), not results, so memory stays small (26
-    bytes a result); ``get`` reads one. Cut lines are skipped.
+    places (index, key digest, file, byte offset; 26 bytes a result), not results; ``get`` reads one. Cut
+    lines are skipped.
+
+    The places are gathered per range of INDEX_RANGE sample indices; once they pass INDEX_BUFFER bytes they
+    go to one file per range in a temporary directory beside the output (removed by ``close``). A lookup
+    sorts the places of its range alone, and the one range last looked up stays in memory, so memory does
+    not grow with the part files when the lookups come in index order (a merge, a resume): a range is
+    read and sorted once.
 
     Example:
         >>> with PartResults(Path("out.jsonl")) as found:  # doctest: +SKIP
@@ -150,54 +172,111 @@ class PartResults:
     def __init__(self, out_path: Path, share: tuple[int, int] | None = None):
         """``share``: ``(k, n)`` keeps the results of the sample indices ``i % n == k`` only; the others'
         lines are passed over without being parsed."""
-        import numpy as np
-
         self.paths = find_part_files(out_path)
         self._files: dict[int, Any] = {}
-        columns = {"index": array("q"), "key": array("Q"), "file": array("H"), "offset": array("q")}
-        index, key, file, offset = columns.values()
+        self._out_path = out_path
+        self._dir: Path | None = None  # the ranges' files, once the places outgrow INDEX_BUFFER
+        self._cleanup: Any = None
+        self._buffers: dict[int, bytearray] = {}  # per range: places not yet in its file
+        self._ranges: set[int] = set()
+        self._count = 0
+        self._loaded: tuple[int, Any, Any, Any] | None = None  # (range, index, key, place), sorted by index
+        pack, size, buffered = struct.Struct("<qQHq").pack, _place_dtype().itemsize, 0
         for n, path in enumerate(self.paths):
             for at, entry in _read_part_lines(path, share):
                 digest = _key64(entry["key"])
-                if digest is not None:
-                    index.append(entry["index"])
-                    key.append(digest)
-                    file.append(n)
-                    offset.append(at)
-        del index, key, file, offset
-        order = np.argsort(np.frombuffer(columns["index"], dtype=np.int64), kind="stable")
-        sorted_columns = {}
-        for name, dtype in (("index", np.int64), ("key", np.uint64), ("file", np.uint16), ("offset", np.int64)):
-            # one column at a time: the unsorted buffer goes as soon as its sorted copy exists
-            sorted_columns[name] = np.frombuffer(columns.pop(name), dtype=dtype)[order]
-        self._index, self._key, self._file, self._offset = sorted_columns.values()
+                if digest is None:
+                    continue
+                index = entry["index"]
+                part = index // INDEX_RANGE
+                buffer = self._buffers.get(part)
+                if buffer is None:
+                    buffer = self._buffers[part] = bytearray()
+                    self._ranges.add(part)
+                buffer += pack(index, digest, n, at)
+                self._count += 1
+                buffered += size
+                if buffered >= INDEX_BUFFER:
+                    self._spill()
+                    buffered = 0
+        if self._dir is not None:
+            self._spill()  # every range's places in its file
 
-    def __len__(self) -> int:
-        return len(self._index)
+    def _spill(self) -> None:
+        """The gathered places to their ranges' files (appended: a range's places keep the part files' order)."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(dir=self._out_path.parent, prefix=f".{self._out_path.name}.places-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
+        for part, buffer in self._buffers.items():
+            with open(self._dir / f"{part}.bin", "ab") as f:
+                f.write(buffer)
+        self._buffers.clear()
 
-    def indices(self) -> Any:
-        """The sample indices with at least one result (sorted numpy array)."""
+    def _range(self, part: int) -> tuple[Any, Any, Any]:
+        """The places of sample indices ``[part * INDEX_RANGE, (part + 1) * INDEX_RANGE)``, sorted by index
+        (stable: in part-file order within an index): index, key digest and ``file | offset << 16``."""
         import numpy as np
 
-        return np.unique(self._index)
+        if self._loaded is None or self._loaded[0] != part:
+            self._loaded = None  # the previous range goes first
+            if self._dir is not None and part in self._ranges:
+                raw: Any = (self._dir / f"{part}.bin").read_bytes()
+            else:
+                raw = self._buffers.get(part, b"")
+            places = np.frombuffer(raw, dtype=_place_dtype())
+            order = np.argsort(places["index"], kind="stable")
+            where = places["offset"][order] << 16
+            where |= places["file"][order]
+            self._loaded = (part, places["index"][order], places["key"][order], where)
+        return self._loaded[1:]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def index_ranges(self) -> Iterator[Any]:
+        """The sample indices with at least one result: a sorted numpy array per range of INDEX_RANGE indices
+        that has any, in index order."""
+        import numpy as np
+
+        for part in sorted(self._ranges):
+            yield np.unique(self._range(part)[0])
+
+    def indices(self) -> Any:
+        """The sample indices with at least one result (one sorted numpy array)."""
+        import numpy as np
+
+        return np.concatenate([np.zeros(0, dtype=np.int64), *self.index_ranges()])
 
     def locate(self, indices: Sequence[int], keys: Sequence[str]) -> Any:
-        """Per ``(indices[j], keys[j])``, the position of its result for ``read`` (-1: none), for a whole
-        chunk at once (numpy int64 array)."""
+        """Per ``(indices[j], keys[j])``, where its result lies, for ``read`` (-1: none), for a whole chunk at
+        once (numpy int64 array)."""
         import numpy as np
 
         index = np.asarray(indices, dtype=np.int64)
         digests = [_key64(k) for k in keys]
         digest = np.array([0 if d is None else d for d in digests], dtype=np.uint64)
-        lo, hi = np.searchsorted(self._index, index, "left"), np.searchsorted(self._index, index, "right")
+        known = np.array([d is not None for d in digests], dtype=bool)
         out = np.full(len(index), -1, dtype=np.int64)
-        has = (hi > lo) & np.array([d is not None for d in digests], dtype=bool)
-        if not has.any():
-            return out
-        hit = has & (self._key[np.where(has, lo, 0)] == digest)  # usually one result per index: the first
-        out[hit] = lo[hit]
+        parts = index // INDEX_RANGE
+        for part in np.unique(parts[known]).tolist() if known.any() else []:
+            if part not in self._ranges:
+                continue
+            chunk = np.flatnonzero(known & (parts == part))
+            out[chunk] = self._locate(self._range(part), index[chunk], digest[chunk])
+        return out
+
+    @staticmethod
+    def _locate(places: tuple[Any, Any, Any], index: Any, digest: Any) -> Any:
+        import numpy as np
+
+        by_index, key, where = places
+        lo, hi = np.searchsorted(by_index, index, "left"), np.searchsorted(by_index, index, "right")
+        out = np.full(len(index), -1, dtype=np.int64)
+        has = hi > lo
+        hit = has & (key[np.where(has, lo, 0)] == digest)  # usually one result per index: the first
+        out[hit] = where[lo[hit]]
         for j in np.flatnonzero(has & ~hit & (hi - lo > 1)):  # several keys for one index (other settings)
-            out[j] = next((e for e in range(int(lo[j]) + 1, int(hi[j])) if self._key[e] == digest[j]), -1)
+            out[j] = next((where[e] for e in range(int(lo[j]) + 1, int(hi[j])) if key[e] == digest[j]), -1)
         return out
 
     def __contains__(self, index_key: tuple[int, str]) -> bool:
@@ -210,18 +289,21 @@ class PartResults:
         return self.read(e)
 
     def read(self, e: int) -> dict[str, Any]:
-        """The result at position ``e`` (from ``locate``)."""
-        n = int(self._file[e])
+        """The result at ``e`` (from ``locate``)."""
+        n, offset = int(e) & 0xFFFF, int(e) >> 16
         if n not in self._files:
             self._files[n] = open(self.paths[n], "rb")  # noqa: SIM115 (closed by close())
         f = self._files[n]
-        f.seek(int(self._offset[e]))
+        f.seek(offset)
         return json.loads(f.readline())["result"]
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._loaded = None
+        if self._cleanup is not None:
+            self._cleanup()  # the ranges' files
 
     def __enter__(self) -> PartResults:
         return self

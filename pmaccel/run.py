@@ -558,12 +558,12 @@ def _resume_state(settings: Settings, accelerator: Any, out_path: Path, table: S
         local, machine = int(os.environ.get("LOCAL_RANK", "-1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         share = (local, machine) if 0 <= local < machine else None  # set together by the launchers
         with output.PartResults(out_path, share=share) as found:
-            present = found.indices()
-            present = present[(present >= 0) & (present < len(table))]
-            for start in range(0, len(present), MERGE_CHUNK):
-                samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
-                indices = [s.index for s in samples]
-                done[indices] = found.locate(indices, keys.of(samples)) >= 0
+            for present in found.index_ranges():  # a range of indices at a time, in order
+                present = present[(present >= 0) & (present < len(table))]
+                for start in range(0, len(present), MERGE_CHUNK):
+                    samples = table.take(present[start:start + MERGE_CHUNK], with_ids=False)
+                    indices = [s.index for s in samples]
+                    done[indices] = found.locate(indices, keys.of(samples)) >= 0
     else:
         output.remove_part_files(parts)
     accelerator.wait_for_everyone()  # no rank deletes a part file another has opened

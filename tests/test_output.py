@@ -101,3 +101,39 @@ def test_an_unwritable_output_is_refused(tmp_path):
     with pytest.raises(PMAccelError, match="is a directory"):
         check_writable(tmp_path)
     assert check_writable(tmp_path / "new" / "out.jsonl").parent.is_dir()
+
+
+def test_places_kept_on_disk_a_range_at_a_time_give_the_same_lookups(tmp_path, monkeypatch):
+    """Past INDEX_BUFFER bytes the places go to one file per range of INDEX_RANGE indices beside the output
+    (removed on close): the same lookups, in index order or not, as places held in memory, the first of
+    several lines with one (index, key) found first, and every index with a result listed once."""
+    import random
+
+    import pmaccel.output
+
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(1)
+    keys = [f"{rng.getrandbits(128):032x}" for _ in range(3)]
+    for rank in range(3):
+        with PartWriter(part_path(out, rank, 3)) as w:
+            w.append((i, rng.choice(keys), {"a": i, "rank": rank}) for i in rng.sample(range(100), 40))
+    asked = [(i, k) for i in range(-2, 105) for k in [*keys, "not-hex"]]
+    rng.shuffle(asked)
+    with PartResults(out) as found:
+        expected = [found.read(int(e)) if e >= 0 else None
+                    for e in found.locate([i for i, _ in asked], [k for _, k in asked])]
+        indices, count = found.indices().tolist(), len(found)
+    assert sum(r is not None for r in expected) > 30
+    monkeypatch.setattr(pmaccel.output, "INDEX_RANGE", 8)
+    monkeypatch.setattr(pmaccel.output, "INDEX_BUFFER", 26 * 5)
+    with PartResults(out) as found:
+        assert found._dir is not None and len(list(found._dir.iterdir())) > 5, "places on disk"
+        where = found.locate([i for i, _ in asked], [k for _, k in asked])
+        assert [found.read(int(e)) if e >= 0 else None for e in where] == expected
+        assert [found.get(i, k) for (i, k), r in zip(asked, expected) if r is not None] == [r for r in expected if r]
+        assert found.indices().tolist() == indices and len(found) == count
+        ranges = [r.tolist() for r in found.index_ranges()]
+        assert all(r and r[0] // 8 == r[-1] // 8 for r in ranges) and sum(ranges, []) == indices
+        place_dir = found._dir
+    assert not place_dir.exists(), "removed on close"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [part_path(out, r, 3).name for r in range(3)]
