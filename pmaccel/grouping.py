@@ -327,8 +327,10 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
     """
     import numpy as np
 
-    columns = read_columns(tokens, ["flat", "num_tokens", "num_branches"], valid=["tok_error"])
-    flat, bad = columns.pop("flat").astype(bool, copy=False), columns.pop("tok_error").astype(bool, copy=False)
+    # read as the table keeps them (4 bytes a count: per-sample counts are int32, as are a row's)
+    columns = read_columns(tokens, ["flat", "num_tokens", "num_branches"], valid=["tok_error"],
+                           dtypes={"flat": bool, "num_tokens": np.int32, "num_branches": np.int32})
+    flat, bad = columns.pop("flat"), columns.pop("tok_error").astype(bool, copy=False)
     ntok, nbr = columns.pop("num_tokens"), columns.pop("num_branches")
     found: list[int] = []  # positions of rows that cannot be used
 
@@ -343,9 +345,10 @@ def group_samples(rows: RowsView, tokens: Any, path: str, grouping: Grouping,
     # new mapping beside the caller's would hold both mappings' pages at once (the peak of a 4M-row run)
     if not flat.any() and not bad.any():  # parallel rows only: sample s is row s (no offsets or positions held)
         n = len(ntok) if limit is None else min(limit, len(ntok))
+        whole = n == len(ntok)  # the columns as read; a copy of the first n otherwise (the rest goes)
         samples = SampleTable(path=path, rows=rows, tokens=tokens, offsets=None, positions=None,
-                              num_tokens=ntok[:n].astype(np.int32), num_branches=nbr[:n].astype(np.int32),
-                              flat=np.zeros(n, dtype=bool))
+                              num_tokens=ntok if whole else ntok[:n].copy(),
+                              num_branches=nbr if whole else nbr[:n].copy(), flat=np.zeros(n, dtype=bool))
     else:
         wide = len(ntok) >= 2**31
         offsets, positions = array("q" if wide else "i", [0]), array("q" if wide else "i")  # 4 bytes where they fit

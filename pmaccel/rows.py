@@ -218,14 +218,17 @@ def read_rows(data_path: str | Path | None = None, *, on_error: str = "raise", n
     return Table(path=table.path, rows=RowsView(valid, table.lists_as_json), skipped=skipped)
 
 
-def read_columns(data: Any, names: Sequence[str], valid: Sequence[str] = ()) -> dict[str, Any]:
+def read_columns(data: Any, names: Sequence[str], valid: Sequence[str] = (),
+                 dtypes: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Whole columns of a dataset as numpy arrays (``valid``: whether each value is non-null), read batch by
     batch from its cache files with plain reads: through the memory map, the OS's read-ahead would bring the
     neighbouring list columns into this process's resident memory too. Each column is one array filled batch
-    by batch (no per-batch copies concatenated at the end: half the peak)."""
+    by batch (no per-batch copies concatenated at the end: half the peak); ``dtypes``: the numpy dtype a
+    column is read into (cast as ``astype`` casts), so a narrower one is never held at full width."""
     import numpy as np
     import pyarrow as pa
 
+    dtypes = dict(dtypes or {})
     files = [f["filename"] for f in data.cache_files]
 
     def batches() -> Iterator[Any]:
@@ -246,16 +249,17 @@ def read_columns(data: Any, names: Sequence[str], valid: Sequence[str] = ()) -> 
             for n, values in got.items():
                 column = out.get(n)
                 if column is None:
-                    column = out[n] = np.empty(len(data), dtype=values.dtype)
-                elif np.result_type(column, values) != column.dtype:  # e.g. a batch with nulls
+                    column = out[n] = np.empty(len(data), dtype=dtypes.get(n, values.dtype))
+                elif n not in dtypes and np.result_type(column, values) != column.dtype:  # a batch with nulls
                     column = out[n] = column.astype(np.result_type(column, values))
                 column[at:end] = values
             at = end
         if at == len(data):
-            return {n: out[n] if n in out else np.zeros(0) for n in [*names, *valid]}
+            return {n: out[n] if n in out else np.zeros(0, dtype=dtypes.get(n, float)) for n in [*names, *valid]}
     table = data.with_format("arrow")[:]  # in memory, or not one table per file: through the table
-    return {**{n: table.column(n).to_numpy() for n in names},
-            **{n: table.column(n).is_valid().to_numpy(zero_copy_only=False) for n in valid}}
+    got = {**{n: table.column(n).to_numpy() for n in names},
+           **{n: table.column(n).is_valid().to_numpy(zero_copy_only=False) for n in valid}}
+    return {n: v.astype(dtypes[n], copy=False) if n in dtypes else v for n, v in got.items()}
 
 
 def remapped(data: Any) -> Any:

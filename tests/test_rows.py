@@ -157,3 +157,28 @@ def test_skip_records_bad_rows_and_keeps_the_rest(tmp_path):
     assert [r.number for r in table.rows] == [1, 4]
     assert [(s.number, s.error.split(": ", 2)[1]) for s in table.skipped] == [(2, "malformed JSON"), (3, "branches")]
     assert table.skipped[0].content == '{"text": "b",' and table.skipped[1].content == {"branches": "x"}
+
+
+def test_read_columns_fills_one_array_per_column_as_the_table_holds_them(tmp_path):
+    """Columns read batch by batch from the cache files (several files, several record batches each) equal
+    the table's own columns, in a narrower dtype when asked; a selection is read through the table."""
+    import numpy as np
+
+    from pmaccel.rows import read_columns
+
+    data = datasets.Dataset.from_dict({"n": list(range(-5, 2495)), "flag": [i % 3 == 0 for i in range(2500)],
+                                       "text": [None if i % 7 else "x" for i in range(2500)]})
+    parts = []
+    for k in range(3):
+        path = str(tmp_path / f"part{k}.arrow")
+        data.shard(3, k, contiguous=True).map(lambda b: b, batched=True, batch_size=300, writer_batch_size=300,
+                                              cache_file_name=path)
+        parts.append(datasets.Dataset.from_file(path))
+    mapped = datasets.concatenate_datasets(parts)
+    assert len(mapped.cache_files) == 3 and len(mapped.data.to_batches()) > 3
+    n, flag, text = np.arange(-5, 2495), np.arange(2500) % 3 == 0, np.arange(2500) % 7 == 0
+    for table, rows in ((mapped, slice(None)), (mapped.select(range(10, 2000)), slice(10, 2000))):
+        got = read_columns(table, ["n", "flag"], valid=["text"], dtypes={"n": np.int32})
+        assert got["n"].dtype == np.int32 and got["flag"].dtype == bool and got["text"].dtype == bool
+        assert got["n"].tolist() == n[rows].tolist() and got["flag"].tolist() == flag[rows].tolist()
+        assert got["text"].tolist() == text[rows].tolist()
