@@ -35,6 +35,7 @@ from pmaccel.rows import (
     _quiet_datasets,
     _row,
     read_columns,
+    remap,
     remapped,
 )
 from pmaccel.samples import tokenize_sample
@@ -281,7 +282,8 @@ class SampleTable(TakeSequence):
         if with_ids:
             self._read += len(wanted)
             if self._read > REMAP_ROWS:
-                self.tokens, self._read = remapped(self.tokens), len(wanted)
+                remap(self, "tokens")
+                self._read = len(wanted)
             columns = self.tokens.select_columns(["main_ids", "branch_ids"])[wanted]
             ids = {p: (m, b) for p, m, b in zip(wanted, columns["main_ids"], columns["branch_ids"])}
         if rows is not None:

@@ -271,6 +271,19 @@ def remapped(data: Any) -> Any:
     return pickle.loads(pickle.dumps(data)) if data.cache_files else data
 
 
+def remap(owner: Any, name: str) -> None:
+    """``owner.<name>`` (a dataset) mapped afresh as ``remapped`` maps it, the old mapping released before the
+    new one is opened: opening a mapping reads every record batch's header, and a process never holds both
+    mappings' pages at once."""
+    import pickle
+
+    if not getattr(owner, name).cache_files:
+        return
+    state = pickle.dumps(getattr(owner, name))
+    setattr(owner, name, None)  # the last reference to the old mapping (reads return copies, not views)
+    setattr(owner, name, pickle.loads(state))
+
+
 class TakeSequence(Sequence):
     """A sequence read in batches: subclasses define ``__len__`` and ``take(positions)``; an item or a slice
     is a ``take`` of those positions."""
@@ -303,7 +316,8 @@ class RowsView(TakeSequence):
             return []
         self._read += len(positions)
         if self._read > REMAP_ROWS:
-            self.data, self._read = remapped(self.data), len(positions)
+            remap(self, "data")
+            self._read = len(positions)
         got = self.data[[int(p) for p in positions]]
         return [_row(n, text, self.lists_as_json) for n, text in zip(got["number"], got["fields"])]
 

@@ -198,13 +198,34 @@ def test_a_table_read_through_is_mapped_afresh_every_remap_rows_with_the_same_ro
     assert not skipped
     monkeypatch.setattr(pmaccel.rows, "REMAP_ROWS", 16)
     remaps = []
-    real = pmaccel.rows.remapped
-    monkeypatch.setattr(pmaccel.rows, "remapped", lambda data: remaps.append(len(data)) or real(data))
+    real = pmaccel.rows.remap
+    monkeypatch.setattr(pmaccel.rows, "remap", lambda owner, name: remaps.append(name) or real(owner, name))
     view = pmaccel.rows.RowsView(valid)
     strided = [p for k in range(4) for p in range(k, 100, 4)]  # 25 rows from each quarter of the table
     got = [row for start in range(0, 100, 8) for row in view.take(strided[start:start + 8])]
     assert len(remaps) == 6  # once more than 16 rows were read since the last: at 24, 40, 56, 72, 88 and 100
     assert [row.fields for row in got] == [rows[p] for p in strided]
+
+
+def test_a_table_mapped_afresh_lets_the_old_mapping_go_first(tmp_path, monkeypatch):
+    """``remap`` drops the last reference to the old mapping before the new one is opened (both at once held
+    every record batch's header twice), and the new one holds the same rows."""
+    import pickle
+    import weakref
+    from types import SimpleNamespace
+
+    rows = generated_rows(30, seed=4)
+    valid, _ = load_rows(write_jsonl(tmp_path / "rows.jsonl", rows)).check("raise")
+    holder = SimpleNamespace(data=valid)
+    old = weakref.ref(valid)
+    del valid
+    opened_with_old_alive = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(pickle, "loads", lambda state: opened_with_old_alive.append(old() is not None)
+                        or real_loads(state))
+    pmaccel.rows.remap(holder, "data")
+    assert opened_with_old_alive == [False] and old() is None
+    assert [json.loads(text) for text in holder.data["fields"]] == rows
 
 
 def test_a_rank_never_holds_the_full_result_set(tiny, tmp_path, monkeypatch):
