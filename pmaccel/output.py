@@ -346,6 +346,13 @@ def _is_part_entry(entry: Any) -> bool:
             and isinstance(entry.get("key"), str) and isinstance(entry.get("result"), dict))
 
 
+def remove_stale_places(out_path: Path) -> None:
+    """The directories of ``PartResults``' places that a run killed during its resume or merge left beside
+    ``out_path`` (a run that ends removes its own)."""
+    for path in out_path.parent.glob(f".{_glob_escape(out_path.name)}.places-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_part_files(paths: Iterable[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)

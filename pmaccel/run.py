@@ -315,6 +315,8 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
 def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, started: float,
                 clock: _Phases) -> Records | None:
     data_path = check_data_path(job.data_path(settings))  # every rank: a missing file is everyone's error
+    if accelerator.is_local_main_process:  # before any rank of this machine indexes part files (the barrier below)
+        output.remove_stale_places(out_path)
     with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
         rows = load_rows(data_path, num_workers=settings.num_workers)
     if not len(rows):

@@ -137,3 +137,22 @@ def test_places_kept_on_disk_a_range_at_a_time_give_the_same_lookups(tmp_path, m
         place_dir = found._dir
     assert not place_dir.exists(), "removed on close"
     assert sorted(p.name for p in tmp_path.iterdir()) == [part_path(out, r, 3).name for r in range(3)]
+
+
+def test_places_left_by_a_killed_run_are_removed_by_the_next(tmp_path, monkeypatch):
+    """A run killed while its places were on disk leaves their directory beside the output; the next run's
+    ``remove_stale_places`` removes it (and only it: part files, another output's places stay)."""
+    import pmaccel.output
+
+    out = tmp_path / "out.jsonl"
+    with PartWriter(part_path(out, 0, 1)) as w:
+        w.append((i, K, {"a": i}) for i in range(20))
+    monkeypatch.setattr(pmaccel.output, "INDEX_BUFFER", 26 * 5)
+    found = PartResults(out)  # not closed: as a process killed during its merge leaves it
+    stale = found._dir
+    found._cleanup.detach()  # (a killed process runs no finalizer)
+    assert stale is not None and stale.name.startswith(".out.jsonl.places-") and any(stale.iterdir())
+    other = tmp_path / ".other.jsonl.places-x"
+    other.mkdir()
+    pmaccel.output.remove_stale_places(out)
+    assert not stale.exists() and other.exists() and part_path(out, 0, 1).exists()
