@@ -87,8 +87,8 @@ HALF_WAVE_TILE = (128, 128, 8, 4)  # the wide tile with one more pipeline stage 
 DEEP_NARROW_TILE = (64, 64, 4, 6)  # the narrow tile with two more stages (2-byte types: their stages fit)
 SKINNY_TILE = (64, 16, 4, 6)  # few rows of a narrow weight: four times the programs of the narrow tile
 # a reduction this long (an MLP's down projection) on a 64-row tile is read LONG_K_BLOCK at a time, with one
-# pipeline stage less (``k_block``)
-LONG_K, LONG_K_BLOCK = 2048, 128
+# pipeline stage less (``k_block``; measured faster at K = 4864, not measured at 2048-4095)
+LONG_K, LONG_K_BLOCK = 4096, 128
 KEY_CHUNK = 512  # keys per attention chunk: a query's list is summed chunk by chunk, then the chunks merged
 # keys per block (the chunk's inner sum), keys per chunk, warps, pipeline stages; 4-byte types take half the keys
 # per block, so that two stages of K and V blocks fit in the shared memory of smaller cards. On H200, bf16, the
