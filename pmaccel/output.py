@@ -241,12 +241,6 @@ class PartResults:
         for part in sorted(self._ranges):
             yield np.unique(self._range(part)[0])
 
-    def indices(self) -> Any:
-        """The sample indices with at least one result (one sorted numpy array)."""
-        import numpy as np
-
-        return np.concatenate([np.zeros(0, dtype=np.int64), *self.index_ranges()])
-
     def locate(self, indices: Sequence[int], keys: Sequence[str]) -> Any:
         """Per ``(indices[j], keys[j])``, where its result lies, for ``read`` (-1: none), for a whole chunk at
         once (numpy int64 array)."""
