@@ -61,6 +61,10 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
     # 128 x 128 tiles: 6 for 300 rows, 4 for 129; 64 x 64 tiles: 15 for 300 rows, 9 for 129, 3 for 3
     expect = {5: {300: invariant.WIDE_TILE, 129: invariant.HALF_WAVE_TILE if half else narrow, 3: narrow},
               11: {300: invariant.HALF_WAVE_TILE if half else narrow, 129: narrow, 3: invariant.SKINNY_TILE}}
+    if invariant._tma_tiling(invariant.HALF_WAVE_TILE, x.element_size(), x.device):  # Hopper, 2 bytes: TMA tiles
+        # 128 x 256 tiles: 3 for 300 rows (twice the one multiprocessor); else the 128 x 128 tile with four stages
+        expect = {1: {300: invariant.TMA_WIDE_TILE, 3: narrow}, 5: {300: invariant.HALF_WAVE_TILE, 3: narrow},
+                  11: {300: invariant.HALF_WAVE_TILE, 129: narrow, 3: invariant.SKINNY_TILE}}
     seen = set()
     full = None
     for sms, chosen in expect.items():
@@ -73,7 +77,10 @@ def test_every_tiling_gives_the_same_bits(dtype, monkeypatch):
         assert torch.equal(got, full)  # the second grid's tilings give the first one's bits
         for rows in (list(range(100, 229)), [7, 8, 9], [299]):
             assert torch.equal(invariant.linear(x[rows], w, b), full[rows])
-    assert seen == set(invariant.gemm_tilings(x.element_size()))  # every tiling there is, in one test
+    every = set(invariant.gemm_tilings(x.element_size(), device=x.device))
+    assert seen <= every
+    for tiling in every - seen:  # the others there are (the wide plain tile on TMA devices): chosen by hand
+        assert torch.equal(invariant.linear(x, w, b, tiling=tiling), full)
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     assert torch.allclose(full.float(), ref, rtol=2e-2, atol=2e-1 if dtype == torch.bfloat16 else 1e-3)
 
@@ -119,6 +126,42 @@ def test_a_long_k_block_gives_the_bits_of_the_short_one(monkeypatch):
                 assert torch.equal(invariant.linear(x, w, tiling=tiling), long)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_tma_kernel_gives_the_plain_kernels_bits(dtype, monkeypatch):
+    """Hopper, 2-byte types: the 128-row tiles by TMA in persistent programs give the plain kernel's bits (widths and
+    K not whole tiles, with and without biases, one to three weights, rows past a tile's end), a row's bits do not
+    depend on the other rows, and tensors TMA cannot read (rows not 16-byte aligned) take the plain kernel."""
+    if not torch.cuda.is_available() or invariant.triton is None:
+        pytest.skip("TMA is a CUDA device's")
+    dev = torch.device("cuda")
+    if not invariant._tma_tiling(invariant.HALF_WAVE_TILE, 2, dev):
+        pytest.skip("TMA tiles run on Hopper")
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1000, 200, generator=g).to(dev, dtype)
+    ws = [(torch.randn(n, 200, generator=g) / 14).to(dev, dtype) for n in (136, 40, 264)]
+    bs = [torch.randn(w.shape[0], generator=g).to(dev, dtype) for w in ws]
+    launched = []
+    original = invariant._linear_tma_kernel
+    monkeypatch.setattr(invariant, "_linear_tma_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or original[grid]})())
+    for tiling in (invariant.HALF_WAVE_TILE, invariant.TMA_WIDE_TILE):
+        for rows in (1000, 70, 1):
+            for parts in (1, 2, 3):
+                for biases in (bs[:parts], [None] * parts):
+                    got = invariant.linear_parts(x[:rows], ws[:parts], biases, tiling=tiling)
+                    with monkeypatch.context() as m:
+                        m.setattr(invariant, "_tma_device", lambda itemsize, device: False)
+                        plain = invariant.linear_parts(x[:rows], ws[:parts], biases, tiling=tiling)
+                    assert all(torch.equal(a, b) for a, b in zip(got, plain))
+        full = invariant.linear(x, ws[0], bs[0], tiling=tiling)
+        assert torch.equal(invariant.linear(x[300:303], ws[0], bs[0], tiling=tiling), full[300:303])
+    assert len(launched) == 2 * (3 * 3 * 2 + 2)  # every call above ran on TMA
+    odd = torch.randn(10, 201, generator=g).to(dev, dtype)[:, 1:]  # rows of 402 bytes: not TMA's
+    launched.clear()
+    got = invariant.linear(odd, ws[0], tiling=invariant.HALF_WAVE_TILE)
+    assert not launched and torch.equal(got, invariant.linear(odd.contiguous(), ws[0], tiling=invariant.HALF_WAVE_TILE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sibling_gemms_in_one_launch_give_each_layers_bits(dtype):
     """``linear_parts``: two or three weights of one input (widths that are not whole tiles), with and without
@@ -131,7 +174,7 @@ def test_sibling_gemms_in_one_launch_give_each_layers_bits(dtype):
     for parts in (2, 3):
         for biases in (bs[:parts], [None] * parts):
             ref = [invariant.linear(x, w, b) for w, b in zip(ws[:parts], biases)]
-            for tiling in invariant.gemm_tilings(x.element_size()):
+            for tiling in invariant.gemm_tilings(x.element_size(), device=x.device):
                 got = invariant.linear_parts(x, ws[:parts], biases, tiling=tiling)
                 assert [o.shape for o in got] == [r.shape for r in ref]
                 assert all(o.is_contiguous() and torch.equal(o, r) for o, r in zip(got, ref))
@@ -306,14 +349,17 @@ def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, mo
     """``gemm_tilings(itemsize, N, device)`` (what compile_ahead compiles) against every row count up to where
     the wide tile is chosen for good, for the 0.5B model's weight widths on an H200-sized grid."""
     monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 132)
-    dev = torch.device("cuda")  # only its multiprocessor count is asked for (patched above)
+    dev = torch.device("cuda")  # its multiprocessor count (patched above), and whether it runs TMA tiles
+    widest = invariant.widest_tiling(itemsize, dev)
+    assert widest == (invariant.TMA_WIDE_TILE if invariant._tma_tiling(widest, itemsize, dev) else invariant.WIDE_TILE)
+    top = 2 * 132 * 128 + 1 if widest == invariant.TMA_WIDE_TILE else 132 * 128 + 1  # N <= 256: chosen from here
     for N in (128, 896, 4864, 151936, 100):
-        every = {invariant.gemm_tiling(M, N, itemsize, dev) for M in range(1, 132 * 128 + 2)}
+        every = {invariant.gemm_tiling(M, N, itemsize, dev) for M in range(1, top + 1)}
         assert set(invariant.gemm_tilings(itemsize, N, dev)) == every
-        assert invariant.gemm_tiling(132 * 128 + 1, N, itemsize, dev) == invariant.WIDE_TILE
-        assert every <= set(invariant.gemm_tilings(itemsize))
+        assert invariant.gemm_tiling(top, N, itemsize, dev) == widest
+        assert every <= set(invariant.gemm_tilings(itemsize, device=dev))
     assert invariant.gemm_tiling(8, 896, itemsize, dev) == invariant.SKINNY_TILE  # 14 narrow tiles: a few rows
-    assert invariant.gemm_tiling(64, 151936, itemsize, dev) != invariant.WIDE_TILE  # no 128-row tile for 64 rows
+    assert invariant.gemm_tiling(64, 151936, itemsize, dev)[0] == 64  # no 128-row tile for 64 rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
