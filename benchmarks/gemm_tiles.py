@@ -10,17 +10,25 @@ pipeline stages; the K block is `k_block`'s, and every tiling sums a product's t
 that a row's result does not depend on how many rows share the call. Prints, per shape and row count,
 the tiling ``pmaccel.invariant.gemm_tiling`` chooses and the fastest bit-identical one. With ``--graph``
 each launch is timed replayed from a CUDA graph, over 24 copies of the weight (a step's layers: no host
-cost, no weight kept hot in L2), which is how a decode step runs them.
+cost, no weight kept hot in L2), which is how a decode step runs them. (On Hopper the 128-row tilings of bf16
+run the TMA kernel.)
+
+    python benchmarks/gemm_tiles.py --graph --tma --rows 8,512,2048,8192,32768
+
+--tma times, per shape and row count, only the tiling chosen with the TMA kernel and the one chosen without it
+(the plain kernel everywhere), checks that their bits agree, and cuBLAS beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -57,9 +65,13 @@ def main() -> int:
                    help="small: the narrow tilings for few rows (and the chosen ones)")
     p.add_argument("--graph", action="store_true",
                    help=f"time each launch replayed from a CUDA graph over {LAYERS} weight copies, as a step runs")
+    p.add_argument("--tma", action="store_true",
+                   help="the tiling chosen with the TMA kernel against the one chosen without it (Hopper)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     tiles = SMALL_TILES if args.tiles == "small" else TILES
+    if args.tma:
+        return compare_tma(args)
 
     from pmaccel.invariant import WIDE_TILE, gemm_tiling
 
@@ -98,6 +110,54 @@ def main() -> int:
             print(f"{name:8s} M={M:5d} cublas {cublas * 1e3:8.1f} us  wide {times[str(default)] * 1e3:8.1f} us  "
                   f"chosen {chosen} {times[chosen] * 1e3:8.1f} us  best {best} {ok[best] * 1e3:8.1f} us  not identical: "
                   f"{[t for t, v in same.items() if v is not True]}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+@contextlib.contextmanager
+def plain_kernel() -> Iterator[None]:
+    """Inside: no tiling runs the TMA kernel (tilings are chosen, and run, as on a card without it)."""
+    from pmaccel import invariant
+
+    original = invariant._tma_device
+    invariant._tma_device = lambda itemsize, device: False
+    try:
+        yield
+    finally:
+        invariant._tma_device = original
+
+
+def compare_tma(args: argparse.Namespace) -> int:
+    """Per weight shape and row count: the tiling chosen with the TMA kernel and without it, timed, bits compared."""
+    from pmaccel.invariant import gemm_tiling
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    rows = [int(r) for r in args.rows.split(",")]
+    out = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+           "model": args.model, "graph": args.graph, "results": []}
+    for name, (N, K, has_bias) in SHAPES[args.model].items():
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K**-0.5
+        b = torch.randn(N, device=dev, dtype=torch.bfloat16) if has_bias else None
+        xs = torch.randn(max(rows), K, device=dev, dtype=torch.bfloat16)
+        copies = [w] + [w.clone() for _ in range(0 if name == "head" or not args.graph else LAYERS - 1)]
+        for M in rows:
+            x = xs[:M]
+            tma_tile = gemm_tiling(M, N, 2, dev)
+            tma_out = run(x, w, b, tma_tile)
+            tma_ms = bench(functools.partial(run, tile=tma_tile), x, copies, b, args.graph)
+            with plain_kernel():
+                plain_tile = gemm_tiling(M, N, 2, dev)
+                plain_out = run(x, w, b, plain_tile)
+                plain_ms = bench(functools.partial(run, tile=plain_tile), x, copies, b, args.graph)
+            cublas = bench(F.linear, x, copies, b, args.graph)
+            rec = {"shape": name, "N": N, "K": K, "M": M, "tma_tiling": tma_tile, "tma_ms": tma_ms,
+                   "plain_tiling": plain_tile, "plain_ms": plain_ms, "cublas_ms": cublas,
+                   "same": bool(torch.equal(tma_out, plain_out))}
+            out["results"].append(rec)
+            print(f"{name:8s} M={M:6d} with TMA {tma_tile} {tma_ms * 1e3:8.1f} us  plain {plain_tile} "
+                  f"{plain_ms * 1e3:8.1f} us  cuBLAS {cublas * 1e3:8.1f} us  same bits: {rec['same']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -12,7 +12,9 @@ kernels with one fixed reduction order whatever the shapes:
                       program) is chosen from the grid it makes (small tiles where large ones would
                       leave the device's multiprocessors idle), which changes no element's sum; a long
                       K on a narrow tile is read in blocks of twice that, whose MMA steps chain into
-                      the accumulator in the same order (the same bits: ``k_block``)
+                      the accumulator in the same order (the same bits: ``k_block``); on Hopper the
+                      128-row tiles of 2-byte types arrive by TMA, in persistent programs (the same
+                      K blocks in the same order: the same bits)
     mean(dim=-1)      (RMSNorm) one program per row, the row summed in one fixed tree
     RMSNorm modules   the same sum, fused with the rest of the norm into one kernel (one launch instead
                       of ~8 elementwise ones per norm: a decode step is bound by its kernel count), for
@@ -500,11 +502,15 @@ def linear_parts(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
 def _tma_device(itemsize: int, device: torch.device) -> bool:
     """Whether 128-row tiles of ``itemsize``-byte types run the TMA kernel on ``device``: Hopper (measured on
     H200), 2-byte types, a Triton with host-side tensor descriptors."""
-    if TensorDescriptor is None or itemsize != 2 or device.type != "cuda" or not torch.cuda.is_available():
+    if TensorDescriptor is None or itemsize != 2 or device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index
+    if index is None:
+        if not torch.cuda.is_available():
+            return False
+        index = torch.cuda.current_device()
     if index not in _HOPPER:
-        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
+        _HOPPER[index] = torch.cuda.is_available() and torch.cuda.get_device_capability(index)[0] == 9
     return _HOPPER[index]
 
 
@@ -558,10 +564,11 @@ def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[in
 
     On Hopper, for 2-byte types, the 128-row tiles run the TMA kernel (``_linear_tma_kernel``): 128 x 256 tiles
     where they fill every multiprocessor twice, else the 128 x 128 tile with four stages where it fills half of
-    them. On H200 (bf16, replayed from a CUDA graph), against the plain kernel's choice: the 0.5B model's gate
-    and up projections 21.0 us instead of 25.0 at 512 rows, 58 instead of 71 at 2,048, 929 instead of 1,488 at
-    32,768; its output head 219 us instead of 289 at 512 rows, 924 instead of 1,206 at 2,048; its down
-    projection 29.5 us instead of 37.0 at 2,048 rows, 477 instead of 658 at 32,768.
+    them. On H200 (bf16, replayed from a CUDA graph: ``benchmarks/gemm_tiles.py --graph --tma``), against the
+    plain kernel's choice, the 0.5B model's weights: its output head 238 us instead of 322 at 512 rows, 917
+    instead of 1,163 at 2,048; the down projection 28.9 us instead of 36.9 at 2,048 rows, 470 instead of 687 at
+    32,768; one of the gate and up projections 33.8 us instead of 38.4 at 2,048 rows, 454 instead of 784 at
+    32,768 (cuBLAS: 465). Below 128-row tiles nothing changes.
     """
     sms = _multiprocessors(device)
     if M > NARROW_TILE[0]:
@@ -600,9 +607,11 @@ def gemm_tilings(itemsize: int, N: int | None = None,
 
 
 def widest_tiling(itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
-    """The tiling ``gemm_tiling`` chooses for every row count past some: the TMA kernel's wide tile where it runs,
-    else the wide tile."""
-    return TMA_WIDE_TILE if _tma_tiling(TMA_WIDE_TILE, itemsize, device) else WIDE_TILE
+    """The tiling ``gemm_tiling`` chooses for every row count past some: the TMA kernel's wide tile where it runs
+    (its 128 x 128 tile where only that one fits in shared memory), else the wide tile."""
+    if _tma_tiling(HALF_WAVE_TILE, itemsize, device):
+        return TMA_WIDE_TILE if _tma_tiling(TMA_WIDE_TILE, itemsize, device) else HALF_WAVE_TILE
+    return WIDE_TILE
 
 
 def k_block(K: int, tiling: tuple[int, int, int, int], itemsize: int, device: torch.device) -> tuple[int, int]:

@@ -345,13 +345,17 @@ def test_slot_write_is_the_indexed_assignment():
 
 
 @pytest.mark.parametrize("itemsize", [2, 4])
-def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, monkeypatch):
+@pytest.mark.parametrize("hopper", [False, True])
+def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, hopper, monkeypatch):
     """``gemm_tilings(itemsize, N, device)`` (what compile_ahead compiles) against every row count up to where
-    the wide tile is chosen for good, for the 0.5B model's weight widths on an H200-sized grid."""
+    the widest tile is chosen for good, for the 0.5B model's weight widths on an H200-sized grid; on a Hopper
+    card (its TMA tiles for 2-byte types) and on one without."""
     monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 132)
-    dev = torch.device("cuda")  # its multiprocessor count (patched above), and whether it runs TMA tiles
+    monkeypatch.setattr(invariant, "_tma_device", lambda size, device: hopper and size == 2)
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 227 * 1024)  # an H100's or H200's
+    dev = torch.device("cuda")  # only asked for what is patched above
     widest = invariant.widest_tiling(itemsize, dev)
-    assert widest == (invariant.TMA_WIDE_TILE if invariant._tma_tiling(widest, itemsize, dev) else invariant.WIDE_TILE)
+    assert widest == (invariant.TMA_WIDE_TILE if hopper and itemsize == 2 else invariant.WIDE_TILE)
     top = 2 * 132 * 128 + 1 if widest == invariant.TMA_WIDE_TILE else 132 * 128 + 1  # N <= 256: chosen from here
     for N in (128, 896, 4864, 151936, 100):
         every = {invariant.gemm_tiling(M, N, itemsize, dev) for M in range(1, top + 1)}
@@ -360,6 +364,13 @@ def test_the_tilings_compiled_ahead_are_those_any_row_count_chooses(itemsize, mo
         assert every <= set(invariant.gemm_tilings(itemsize, device=dev))
     assert invariant.gemm_tiling(8, 896, itemsize, dev) == invariant.SKINNY_TILE  # 14 narrow tiles: a few rows
     assert invariant.gemm_tiling(64, 151936, itemsize, dev)[0] == 64  # no 128-row tile for 64 rows
+    if widest == invariant.TMA_WIDE_TILE:
+        assert invariant.WIDE_TILE not in invariant.gemm_tilings(itemsize, 896, dev)  # 128 rows: four stages or 256
+        assert invariant.gemm_tiling(2048, 9728, itemsize, dev) == invariant.TMA_WIDE_TILE  # 608 tiles of 128 x 256
+        assert invariant.gemm_tiling(512, 9728, itemsize, dev) == invariant.HALF_WAVE_TILE  # 152 of them
+        monkeypatch.setattr(invariant, "_shared_memory", lambda device: 180 * 1024)  # the 128 x 256 tile's do not fit
+        assert invariant.widest_tiling(itemsize, dev) == invariant.HALF_WAVE_TILE
+        assert invariant.gemm_tilings(itemsize, 896, dev)[-1] == invariant.HALF_WAVE_TILE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
