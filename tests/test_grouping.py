@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers_infer import MIXED_ROWS, make_tokenizer, write_jsonl
 
@@ -150,6 +151,19 @@ def test_parallel_rows_only_are_one_sample_each_without_offsets(tmp_path, tok):
         assert [s.rows for s in samples] == [(i,) for i in range(n)]
         assert [s.branches for s in samples] == [r.branches for r in table.rows][:n]
         assert samples.num_branches.tolist() == [len(r["branches"]) for r in rows][:n]
+        assert samples.num_branches.dtype == np.int8 and samples.num_tokens.dtype == np.int8  # short prompts
+        assert not samples.flat.any() and samples.flat.strides == (0,) and len(samples.flat) == n  # nothing held
+
+
+def test_sample_counts_are_kept_in_the_narrowest_type_that_holds_them():
+    from pmaccel.grouping import _narrowest
+
+    column = np.array([3, 127, 0, 40_000, 128], dtype=np.int32)
+    for values, dtype in ((column[:2], np.int8), (column[:5:4], np.int16), (column, np.int32),
+                          (np.array([2**31], dtype=np.int64), np.int64), (column[:0], np.int8)):
+        got = _narrowest(values)
+        assert got.dtype == dtype and got.tolist() == values.tolist() and not np.shares_memory(got, column)
+    assert (-_narrowest(column[:2])).tolist() == [-3, -127]  # negated for a longest-first order: no wrap-around
 
 
 def test_flat_rows_are_grouped_over_token_counts_read_in_chunks(tmp_path, tok, monkeypatch):
