@@ -501,8 +501,9 @@ def linear_parts(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
 
 def _tma_device(itemsize: int, device: torch.device) -> bool:
     """Whether 128-row tiles of ``itemsize``-byte types run the TMA kernel on ``device``: Hopper (measured on
-    H200), 2-byte types, a Triton with host-side tensor descriptors."""
-    if TensorDescriptor is None or itemsize != 2 or device.type != "cuda":
+    H200; not ROCm, whose capability numbers mean other cards), 2-byte types, a Triton with host-side tensor
+    descriptors."""
+    if TensorDescriptor is None or itemsize != 2 or device.type != "cuda" or torch.version.hip is not None:
         return False
     index = device.index
     if index is None:

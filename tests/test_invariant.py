@@ -126,6 +126,27 @@ def test_a_long_k_block_gives_the_bits_of_the_short_one(monkeypatch):
                 assert torch.equal(invariant.linear(x, w, tiling=tiling), long)
 
 
+def test_tma_tiles_run_only_on_hopper_for_two_byte_types(monkeypatch):
+    """The TMA kernel's conditions: a CUDA build's Hopper card (capability 9; not ROCm's numbers), 2-byte types,
+    Triton's host descriptors; and a tiling of 128 rows whose stages and output tile fit in shared memory."""
+    monkeypatch.setattr(invariant, "_HOPPER", {0: True})  # device 0 taken for a Hopper card
+    monkeypatch.setattr(invariant, "TensorDescriptor", invariant.TensorDescriptor or object)
+    monkeypatch.setattr(torch.version, "hip", None)
+    dev = torch.device("cuda", 0)
+    assert invariant._tma_device(2, dev) and not invariant._tma_device(4, dev)
+    assert not invariant._tma_device(2, torch.device("cpu"))
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 227 * 1024)
+    assert invariant._tma_tiling(invariant.TMA_WIDE_TILE, 2, dev) and invariant._tma_tiling(invariant.HALF_WAVE_TILE, 2, dev)
+    assert not invariant._tma_tiling(invariant.DEEP_NARROW_TILE, 2, dev)  # 64-row tiles: the plain kernel
+    monkeypatch.setattr(invariant, "_shared_memory", lambda device: 180 * 1024)
+    assert not invariant._tma_tiling(invariant.TMA_WIDE_TILE, 2, dev)
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm: an MI300's capability is 9.4
+    assert not invariant._tma_device(2, dev)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(invariant, "TensorDescriptor", None)  # a Triton without host descriptors
+    assert not invariant._tma_device(2, dev)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_tma_kernel_gives_the_plain_kernels_bits(dtype, monkeypatch):
     """Hopper, 2-byte types: the 128-row tiles by TMA in persistent programs give the plain kernel's bits (widths and
