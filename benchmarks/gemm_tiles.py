@@ -76,43 +76,50 @@ def main() -> int:
     from pmaccel.invariant import WIDE_TILE, gemm_tiling
 
     default = WIDE_TILE
+    out = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+           "model": args.model, "default": default, "results": []}
+    for name, N, K, x, w, b, copies in operands(args):
+        M = x.shape[0]
+        ref = run(x, w, b, default)
+        cublas = bench(F.linear, x, copies, b, args.graph)
+        times, same = {}, {}
+        chosen = str(gemm_tiling(M, N, x.element_size(), x.device))
+        for tile in dict.fromkeys([*tiles, gemm_tiling(M, N, x.element_size(), x.device)]):  # and the chosen one
+            try:
+                y = run(x, w, b, tile)
+            except Exception as e:  # noqa: BLE001  (a tiling this card cannot run: out of resources)
+                times[str(tile)] = None
+                same[str(tile)] = repr(e)[:80]
+                continue
+            same[str(tile)] = bool(torch.equal(y, ref)) and bool(torch.equal(run(x[:3], w, b, tile), ref[:3]))
+            times[str(tile)] = bench(functools.partial(run, tile=tile), x, copies, b, args.graph)
+        ok = {t: v for t, v in times.items() if v is not None and same[t] is True}
+        best = min(ok, key=ok.get)
+        rec = {"shape": name, "N": N, "K": K, "M": M, "cublas_ms": cublas, "default_ms": times[str(default)],
+               "chosen": chosen, "chosen_ms": times[chosen], "best": best, "best_ms": ok[best], "times": times,
+               "same": same}
+        out["results"].append(rec)
+        print(f"{name:8s} M={M:5d} cublas {cublas * 1e3:8.1f} us  wide {times[str(default)] * 1e3:8.1f} us  "
+              f"chosen {chosen} {times[chosen] * 1e3:8.1f} us  best {best} {ok[best] * 1e3:8.1f} us  not identical: "
+              f"{[t for t, v in same.items() if v is not True]}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def operands(args: argparse.Namespace) -> Iterator[tuple]:
+    """Per weight shape of ``args.model`` and row count of ``args.rows``: (name, N, K, x, weight, bias, the weight's
+    copies a graph walks through), bf16 on the GPU, seeded."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")]
-    out = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-           "model": args.model, "default": default, "results": []}
     for name, (N, K, has_bias) in SHAPES[args.model].items():
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K**-0.5
         b = torch.randn(N, device=dev, dtype=torch.bfloat16) if has_bias else None
         xs = torch.randn(max(rows), K, device=dev, dtype=torch.bfloat16)
         copies = [w] + [w.clone() for _ in range(0 if name == "head" or not args.graph else LAYERS - 1)]
         for M in rows:
-            x = xs[:M]
-            ref = run(x, w, b, default)
-            cublas = bench(F.linear, x, copies, b, args.graph)
-            times, same = {}, {}
-            for tile in tiles:
-                try:
-                    y = run(x, w, b, tile)
-                except Exception as e:  # noqa: BLE001  (a tiling this card cannot run: out of resources)
-                    times[str(tile)] = None
-                    same[str(tile)] = repr(e)[:80]
-                    continue
-                same[str(tile)] = bool(torch.equal(y, ref)) and bool(torch.equal(run(x[:3], w, b, tile), ref[:3]))
-                times[str(tile)] = bench(functools.partial(run, tile=tile), x, copies, b, args.graph)
-            ok = {t: v for t, v in times.items() if v is not None and same[t] is True}
-            best = min(ok, key=ok.get)
-            chosen = str(gemm_tiling(M, N, x.element_size(), x.device))
-            rec = {"shape": name, "N": N, "K": K, "M": M, "cublas_ms": cublas, "default_ms": times[str(default)],
-                   "chosen": chosen, "chosen_ms": times[chosen], "best": best, "best_ms": ok[best], "times": times,
-                   "same": same}
-            out["results"].append(rec)
-            print(f"{name:8s} M={M:5d} cublas {cublas * 1e3:8.1f} us  wide {times[str(default)] * 1e3:8.1f} us  "
-                  f"chosen {chosen} {times[chosen] * 1e3:8.1f} us  best {best} {ok[best] * 1e3:8.1f} us  not identical: "
-                  f"{[t for t, v in same.items() if v is not True]}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
+            yield name, N, K, xs[:M], w, b, copies
 
 
 @contextlib.contextmanager
@@ -132,32 +139,24 @@ def compare_tma(args: argparse.Namespace) -> int:
     """Per weight shape and row count: the tiling chosen with the TMA kernel and without it, timed, bits compared."""
     from pmaccel.invariant import gemm_tiling
 
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    rows = [int(r) for r in args.rows.split(",")]
     out = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
            "model": args.model, "graph": args.graph, "results": []}
-    for name, (N, K, has_bias) in SHAPES[args.model].items():
-        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K**-0.5
-        b = torch.randn(N, device=dev, dtype=torch.bfloat16) if has_bias else None
-        xs = torch.randn(max(rows), K, device=dev, dtype=torch.bfloat16)
-        copies = [w] + [w.clone() for _ in range(0 if name == "head" or not args.graph else LAYERS - 1)]
-        for M in rows:
-            x = xs[:M]
-            tma_tile = gemm_tiling(M, N, 2, dev)
-            tma_out = run(x, w, b, tma_tile)
-            tma_ms = bench(functools.partial(run, tile=tma_tile), x, copies, b, args.graph)
-            with plain_kernel():
-                plain_tile = gemm_tiling(M, N, 2, dev)
-                plain_out = run(x, w, b, plain_tile)
-                plain_ms = bench(functools.partial(run, tile=plain_tile), x, copies, b, args.graph)
-            cublas = bench(F.linear, x, copies, b, args.graph)
-            rec = {"shape": name, "N": N, "K": K, "M": M, "tma_tiling": tma_tile, "tma_ms": tma_ms,
-                   "plain_tiling": plain_tile, "plain_ms": plain_ms, "cublas_ms": cublas,
-                   "same": bool(torch.equal(tma_out, plain_out))}
-            out["results"].append(rec)
-            print(f"{name:8s} M={M:6d} with TMA {tma_tile} {tma_ms * 1e3:8.1f} us  plain {plain_tile} "
-                  f"{plain_ms * 1e3:8.1f} us  cuBLAS {cublas * 1e3:8.1f} us  same bits: {rec['same']}", flush=True)
+    for name, N, K, x, w, b, copies in operands(args):
+        M, dev = x.shape[0], x.device
+        tma_tile = gemm_tiling(M, N, 2, dev)
+        tma_out = run(x, w, b, tma_tile)
+        tma_ms = bench(functools.partial(run, tile=tma_tile), x, copies, b, args.graph)
+        with plain_kernel():
+            plain_tile = gemm_tiling(M, N, 2, dev)
+            plain_out = run(x, w, b, plain_tile)
+            plain_ms = bench(functools.partial(run, tile=plain_tile), x, copies, b, args.graph)
+        cublas = bench(F.linear, x, copies, b, args.graph)
+        rec = {"shape": name, "N": N, "K": K, "M": M, "tma_tiling": tma_tile, "tma_ms": tma_ms,
+               "plain_tiling": plain_tile, "plain_ms": plain_ms, "cublas_ms": cublas,
+               "same": bool(torch.equal(tma_out, plain_out))}
+        out["results"].append(rec)
+        print(f"{name:8s} M={M:6d} with TMA {tma_tile} {tma_ms * 1e3:8.1f} us  plain {plain_tile} "
+              f"{plain_ms * 1e3:8.1f} us  cuBLAS {cublas * 1e3:8.1f} us  same bits: {rec['same']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
