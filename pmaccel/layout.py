@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from pmaccel.errors import PMAccelError
 from pmaccel.samples import TokenizedSample
@@ -198,12 +199,10 @@ def stack_positions(pos1d: torch.Tensor, bpos: torch.Tensor, time: torch.Tensor,
 def collate(samples: list[PackedSample], pad_id: int = 0) -> PackedBatch:
     """Right-pad packed samples into one batch; each keeps its own pos1d/pos2d as if it were alone."""
     lens = torch.tensor([s.num_tokens for s in samples])
-    valid = torch.arange(int(lens.max()))[None, :] < lens[:, None]  # [B, n]: row-major, as the samples follow
+    valid = torch.arange(int(lens.max()))[None, :] < lens[:, None]  # [B, n]
 
-    def pad(field: str, value: int | bool) -> torch.Tensor:  # -> [B, n], one copy whatever B
-        out = torch.full(valid.shape, value, dtype=getattr(samples[0], field).dtype)
-        out[valid] = torch.cat([getattr(s, field) for s in samples])
-        return out
+    def pad(field: str, value: int | bool) -> torch.Tensor:  # -> [B, n]
+        return pad_sequence([getattr(s, field) for s in samples], batch_first=True, padding_value=value)
 
     return PackedBatch(
         input_ids=pad("input_ids", pad_id),

@@ -104,6 +104,7 @@ def test_collate_right_pads_each_sample_as_it_is():
              for _ in range(5)]
     batch = collate(packs, pad_id=9)
     n = max(p.num_tokens for p in packs)
+    assert batch.input_ids.dtype == torch.long and batch.meta.is_main.dtype == torch.bool
     for b, p in enumerate(packs):
         pad = n - p.num_tokens
         assert batch.input_ids[b].tolist() == p.input_ids.tolist() + [9] * pad
