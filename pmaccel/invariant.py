@@ -591,8 +591,9 @@ def gemm_tiling(M: int, N: int, itemsize: int, device: torch.device) -> tuple[in
 
 def gemm_tilings(itemsize: int, N: int | None = None,
                  device: torch.device | None = None) -> list[tuple[int, int, int, int]]:
-    """Every tiling ``gemm_tiling`` may choose for an element size (one compiled kernel each); given a
-    weight's ``N`` and its device, only those it chooses for some row count of that weight there."""
+    """Every tiling ``gemm_tiling`` may choose for an element size (one compiled kernel each; with a device, the
+    TMA kernel's wide tile where it runs there); given a weight's ``N`` and its device, only those it chooses for
+    some row count of that weight there."""
     if N is None or device is None:
         narrow = [DEEP_NARROW_TILE, HALF_WAVE_TILE] if itemsize <= 2 else [NARROW_TILE]
         tma = [TMA_WIDE_TILE] if device is not None and _tma_tiling(TMA_WIDE_TILE, itemsize, device) else []
