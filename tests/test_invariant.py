@@ -174,6 +174,9 @@ def test_the_tma_kernel_gives_the_plain_kernels_bits(dtype, monkeypatch):
                         m.setattr(invariant, "_tma_device", lambda itemsize, device: False)
                         plain = invariant.linear_parts(x[:rows], ws[:parts], biases, tiling=tiling)
                     assert all(torch.equal(a, b) for a, b in zip(got, plain))
+                    for o, w, b in zip(got, ws, biases):  # and torch's GEMM in fp32, to bf16/fp16 precision
+                        ref = torch.nn.functional.linear(x[:rows].float(), w.float(), None if b is None else b.float())
+                        assert torch.allclose(o.float(), ref, rtol=2e-2, atol=1e-1)
         full = invariant.linear(x, ws[0], bs[0], tiling=tiling)
         assert torch.equal(invariant.linear(x[300:303], ws[0], bs[0], tiling=tiling), full[300:303])
     assert len(launched) == 2 * (3 * 3 * 2 + 2)  # every call above ran on TMA
