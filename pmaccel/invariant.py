@@ -781,9 +781,10 @@ def _fused_apply(original: Callable) -> Callable:
 _FUSABLE_ROPE: dict[tuple[str, int, torch.dtype], bool] = {}  # (modeling module, head dim, dtype) -> same bits
 
 
-def _rope_modules(model: Any) -> list[Any]:
+def _rope_modules(model: Any, device: torch.device | None = None) -> list[Any]:
     """The modeling modules of ``model``'s attention layers whose ``apply_rotary_pos_emb`` ``rope`` reproduces,
-    bit for bit, on a test input of the layers' head size and dtype (checked once per module)."""
+    bit for bit, on a test input of the layers' head size and dtype (checked once per module; on ``device``
+    for layers whose weights are on the meta device)."""
     found = {}
     for m in model.modules():
         module = sys.modules.get(type(m).__module__)
@@ -792,17 +793,18 @@ def _rope_modules(model: Any) -> list[Any]:
         if not callable(fn) or not isinstance(head_dim, int) or hasattr(fn, "pmaccel_original"):
             continue
         weight = next(m.parameters(), None)
-        if weight is None or not weight.is_cuda or not weight.is_floating_point():
+        at = device if weight is not None and weight.is_meta and device is not None else getattr(weight, "device", None)
+        if weight is None or at is None or at.type != "cuda" or not weight.is_floating_point():
             continue
         key = (module.__name__, head_dim, weight.dtype)
         if key not in _FUSABLE_ROPE:
             # the layer's own head counts: the check compiles the kernel the forwards will run
             heads = [max(1, getattr(getattr(m, name, None), "out_features", 2 * head_dim) // head_dim)
                      for name in ("q_proj", "k_proj")]
-            g = torch.Generator(device=weight.device).manual_seed(0)
-            q, k = (torch.randn(2, 5, h, head_dim, generator=g, device=weight.device).to(weight.dtype).transpose(1, 2)
+            g = torch.Generator(device=at).manual_seed(0)
+            q, k = (torch.randn(2, 5, h, head_dim, generator=g, device=at).to(weight.dtype).transpose(1, 2)
                     for h in heads)
-            angle = 100 * torch.rand(2, 5, head_dim, generator=g, device=weight.device)
+            angle = 100 * torch.rand(2, 5, head_dim, generator=g, device=at)
             cos, sin = angle.cos().to(weight.dtype), angle.sin().to(weight.dtype)
             try:
                 with torch.no_grad():
@@ -1135,7 +1137,8 @@ _AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its 
 AHEAD_THREADS = 8  # most kernels compiled at once
 
 
-def compile_ahead(model: Any) -> Future | None:
+def compile_ahead(model: Any, device: torch.device | None = None,
+                  after: Callable[[], Any] | None = None) -> Future | None:
     """Start compiling the kernels ``model``'s invariant forwards launch, in background threads, and return.
 
     Triton compiles a kernel variant on its first launch, a few hundred ms each (or loads it from its
@@ -1147,7 +1150,11 @@ def compile_ahead(model: Any) -> Future | None:
     compiles on its first launch, as without this.
 
     Args:
-        model: a transformers causal LM on a CUDA device.
+        model: a transformers causal LM on a CUDA device, or on the meta device (built from its config alone:
+            each launch then gets zero weights of a layer's shape on ``device``; ``pmaccel.warmup``).
+        device: the CUDA device to compile for; default: that of the model's weights.
+        after: called first, in the background (waiting for another process that compiles the same
+            variants: ``pmaccel.warmup.wait``).
 
     Returns:
         A future that is done when every launch is (its result: how many failed; a failure is only
@@ -1160,21 +1167,55 @@ def compile_ahead(model: Any) -> Future | None:
         >>> with invariant_mode(model): ...  # doctest: +SKIP
     """
     param = next(model.parameters(), None)
-    if param is None or not available() or not param.is_cuda or model in _AHEAD:
+    device = device if device is not None else getattr(param, "device", None)
+    if param is None or device is None or device.type != "cuda" or not available() or model in _AHEAD:
         return None
     threads = max(1, min(os.cpu_count() or 1, AHEAD_THREADS))
     pool = ThreadPoolExecutor(max_workers=threads + 1, thread_name_prefix="pmaccel-compile")  # + the one below
-    future = pool.submit(_compile_all, model, param.device, pool)
+    future = pool.submit(_compile_all, model, device, pool, after)
     _AHEAD[model] = future
     return future
 
 
-def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> int:
+def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor,
+                 after: Callable[[], Any] | None = None) -> int:
     """(In a thread of ``pool``.) Launch every variant, each in a thread of its own; the number that failed."""
-    # Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library,
-    # 0.3-0.7 s), computed on a process's first compile or cache lookup and cached without a lock: settled here
-    # once, before the launches below look their kernels up in parallel (each thread hashed them again), and
-    # read from pmaccel's cache while Triton's files are those it was computed from (a file per installation)
+    if after is not None:
+        after()
+    index = prepare_triton(device)
+    with torch.cuda.device(device):
+        # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
+        # so that the first launches racing below all add to the same table
+        for kernel in (_linear_kernel, _linear_parts_kernel, _rms_norm_kernel, _rope_kernel, _slot_write_kernel,
+                       *ATTENTION_KERNELS):
+            tables = getattr(kernel, "device_caches", None)
+            if isinstance(tables, dict):
+                tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
+    futures = [pool.submit(_launch_on, device, task) for _, task in _ahead_tasks(model, device)]
+    pool.shutdown(wait=False)  # its threads end with their last task
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    for error in failed:
+        logger.debug("compiling a kernel ahead failed: %r", error)
+    return len(failed)
+
+
+def prepare_triton(device: torch.device) -> int:
+    """Settle what Triton computes once per process before its first compile or cache lookup: the key of its
+    cache and its driver on ``device`` (the CUDA context too); the device's index, as Triton numbers it.
+
+    Triton keys its cache of compiled kernels by a hash of its own files (half a gigabyte of library, 0.3-0.7
+    s), computed on a process's first compile or cache lookup and cached without a lock: settled here once,
+    before launches look their kernels up in parallel (each thread hashed them again), and read from pmaccel's
+    cache while Triton's files are those it was computed from (a file per installation). On a machine's first
+    process its driver builds a helper module (a C compiler's run).
+
+    Args:
+        device: a CUDA device.
+
+    Example:
+        >>> prepare_triton(torch.device("cuda"))  # doctest: +SKIP
+        0
+    """
     if (module := _triton_key_module()) is not None:
         try:
             root = os.path.dirname(os.path.abspath(triton.__file__))
@@ -1184,20 +1225,7 @@ def _compile_all(model: Any, device: torch.device, pool: ThreadPoolExecutor) -> 
             logger.debug("remembering Triton's cache key failed: %r", e)
             module.triton_key()
     with torch.cuda.device(device):
-        # Triton makes a kernel's per-device table of compiled variants on its first launch: made here, once,
-        # so that the first launches racing below all add to the same table
-        index = triton.runtime.driver.active.get_current_device()
-        for kernel in (_linear_kernel, _linear_parts_kernel, _rms_norm_kernel, _rope_kernel, _slot_write_kernel,
-                       *ATTENTION_KERNELS):
-            tables = getattr(kernel, "device_caches", None)
-            if isinstance(tables, dict):
-                tables[index]  # noqa: B018  (a defaultdict: the lookup makes it)
-    futures = [pool.submit(_launch_on, device, task) for task in _ahead_tasks(model, device)]
-    pool.shutdown(wait=False)  # its threads end with their last task
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    for error in failed:
-        logger.debug("compiling a kernel ahead failed: %r", error)
-    return len(failed)
+        return triton.runtime.driver.active.get_current_device()
 
 
 def _triton_key_module() -> Any | None:
@@ -1284,38 +1312,42 @@ def _launch_on(device: torch.device, task: Callable[[], Any]) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
+def _ahead_tasks(model: Any, device: torch.device) -> list[tuple[tuple, Callable[[], Any]]]:
     """One launch per kernel variant the forwards of ``model`` will run, on inputs laid out as theirs are
-    (Triton specializes a kernel on its tensors' dtypes and on which integer arguments are multiples of 16)."""
-    tasks: list[Callable[[], Any]] = []
+    (Triton specializes a kernel on its tensors' dtypes and on which integer arguments are multiples of 16),
+    each with the key of its variant. Weights on the meta device are launched as zeros of their shape."""
+    tasks: list[tuple[tuple, Callable[[], Any]]] = []
     seen: set[tuple] = set()
 
     def once(key: tuple, task: Callable[[], Any]) -> None:
         if key not in seen:
             seen.add(key)
-            tasks.append(task)
+            tasks.append((key, task))
 
     zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    here = lambda w: w.device == device or w.is_meta  # noqa: E731  (a weight launchable on device)
+    real = lambda t: zeros(*t.shape, dtype=t.dtype) if t is not None and t.is_meta else t  # noqa: E731
     groups = linear_groups(model)
     for layers in {tuple(id(layer) for layer in g): g for g in groups.values()}.values():
         w0, b0 = layers[0].weight, layers[0].bias
-        if w0.device != device:
+        if not here(w0):
             continue
         Ns, K = [layer.weight.shape[0] for layer in layers], w0.shape[1]
         for tiling in gemm_tilings(w0.element_size(), sum(Ns), device):
             once(("parts", *(N % 16 == 0 for N in Ns), K % 16 == 0, b0 is None, w0.dtype, tiling,
                   k_block(K, tiling, w0.element_size(), device)),
                  lambda layers=layers, K=K, tiling=tiling: linear_parts(
-                     zeros(1, K, dtype=layers[0].weight.dtype), [layer.weight for layer in layers],
-                     [layer.bias for layer in layers], tiling=tiling))
+                     zeros(1, K, dtype=layers[0].weight.dtype), [real(layer.weight) for layer in layers],
+                     [real(layer.bias) for layer in layers], tiling=tiling))
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.device == device and id(m.weight) not in groups:
+        if isinstance(m, torch.nn.Linear) and here(m.weight) and id(m.weight) not in groups:
             w, b = m.weight, m.bias
             N, K = w.shape
             for tiling in gemm_tilings(w.element_size(), N, device):
                 once(("linear", N % 16 == 0, K % 16 == 0, b is None, w.dtype, tiling,
                       k_block(K, tiling, w.element_size(), device)),
-                     lambda w=w, b=b, K=K, tiling=tiling: linear(zeros(1, K, dtype=w.dtype), w, b, tiling=tiling))
+                     lambda w=w, b=b, K=K, tiling=tiling: linear(zeros(1, K, dtype=w.dtype), real(w), real(b),
+                                                                 tiling=tiling))
         elif type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor):
             n = m.weight.shape[-1]
             once(("norm", type(m), n, m.weight.dtype), lambda m=m, n=n: _fusable_norm(m) and rms_norm(
@@ -1330,7 +1362,8 @@ def _ahead_tasks(model: Any, device: torch.device) -> list[Callable[[], Any]]:
             once(("slots", kv_heads, head_dim, dtype), lambda hk=kv_heads, d=head_dim, dt=dtype: slot_write(
                 zeros(1, hk, 1, d, dtype=dt), zeros(1, hk, 1, d, dtype=dt), zeros(1, hk, 2, d, dtype=dt),
                 zeros(1, hk, 2, d, dtype=dt), zeros(1, 1, dtype=torch.long), zeros(1, 1, dtype=torch.long)))
-    tasks.append(lambda: _rope_modules(model))  # RoPE's check launches the kernel with the layers' head counts
+    # RoPE's check launches the kernel with the layers' head counts
+    tasks.append((("rope",), lambda: _rope_modules(model, device)))
     return tasks
 
 

@@ -476,8 +476,25 @@ def test_compile_ahead_launches_each_kernel_variant_once(monkeypatch):
                for n in (128, 272, 64, 100))
     assert len(tasks) == 5 * 2 + 1 + 1 + 1 + 1  # + the KV write
     with torch.inference_mode():
-        for task in tasks:
+        for _, task in tasks:
             task()
+
+
+def test_a_model_built_on_the_meta_device_has_the_kernel_variants_of_the_loaded_one(monkeypatch):
+    """What ``pmaccel.warmup`` compiles from a model's config alone: the same variants, in the same order, as
+    the model with its weights (zero weights of each layer's shape stand in for them)."""
+    from transformers import Qwen2ForCausalLM
+
+    monkeypatch.setattr(invariant, "_multiprocessors", lambda device: 1)
+    loaded = _tiny_qwen2().to(torch.bfloat16)
+    with torch.device("meta"):
+        skeleton = Qwen2ForCausalLM(loaded.config).to(torch.bfloat16)
+    assert next(skeleton.parameters()).is_meta
+    dev = next(loaded.parameters()).device
+    keys = [key for key, _ in invariant._ahead_tasks(loaded, dev)]
+    assert keys == [key for key, _ in invariant._ahead_tasks(skeleton, dev)]
+    assert len(keys) == len(set(keys)) == 5 * 2 + 1 + 1 + 1 + 1
+    assert {key[0] for key in keys} == {"parts", "linear", "norm", "attention", "slots", "rope"}
 
 
 def test_compile_ahead_leaves_nothing_to_compile_for_a_decode(monkeypatch, tmp_path):
