@@ -69,19 +69,26 @@ def startup() -> Iterator[None]:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from pmaccel.run import run_job
+    from pmaccel import warmup
     from pmaccel.settings import parse_settings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     scoring = argv[:1] == ["score"]
+    side = None
     try:
         if scoring:
             settings = parse_settings(argv[1:], prog="pmaccel score", description=SCORE_DESCRIPTION)
+        else:
+            settings = parse_settings(argv)
+        # a machine's first run: its kernels compile in a side process while this one imports and loads
+        side = warmup.start(settings)
+        from pmaccel.run import run_job
+
+        if scoring:
             from pmaccel.scoring import ScoreJob
 
             job = ScoreJob()
         else:
-            settings = parse_settings(argv)
             from pmaccel.inference import GenerateJob
 
             job = GenerateJob()
@@ -95,6 +102,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(INTERRUPTED, file=sys.stderr, flush=True)
         return 130  # as a shell reports a process that SIGINT ended
+    finally:
+        warmup.stop(side)  # a run that ended early
     if records is not None and settings.data_path is None and not scoring:  # the demo: show what came out
         _print_preview(records, settings.out_path)
     return 0

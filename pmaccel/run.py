@@ -485,11 +485,13 @@ def _check_model_paths(settings: Settings) -> None:
 
 
 def _compile_ahead(settings: Settings, model: Any) -> None:
-    """Start compiling the invariant kernels (where they run) in background threads (``invariant.compile_ahead``)."""
-    from pmaccel import invariant
+    """Start compiling the invariant kernels (where they run) in background threads (``invariant.compile_ahead``),
+    once a side process that compiles them for the same configuration on this machine is done
+    (``pmaccel.warmup``: the CLI starts it): then each is in Triton's cache."""
+    from pmaccel import invariant, warmup
 
     if invariant.resolve(settings.deterministic, next(model.parameters()).device):
-        invariant.compile_ahead(model)
+        invariant.compile_ahead(model, after=lambda: warmup.wait(settings))
 
 
 def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:

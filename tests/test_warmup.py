@@ -1,0 +1,184 @@
+"""pmaccel.warmup: the side process that compiles a first run's kernels while the run starts up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pmaccel import warmup
+
+
+def _settings(model, **overrides) -> argparse.Namespace:
+    values = dict(base_model=str(model), dtype="auto", device="auto", deterministic=None)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty pmaccel and Triton caches for the test."""
+    monkeypatch.setenv("PMACCEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    return tmp_path
+
+
+def test_the_plan_is_keyed_by_what_the_kernels_depend_on(tiny, caches, monkeypatch):
+    """One stamp per model config, dtype and Triton cache; none where no kernels run or no config is there."""
+    p = warmup.plan(_settings(tiny))
+    assert p is not None and p.model == tiny and p.device == "cuda" and p.stamp.parent == caches / "cache" / "kernels"
+    assert p.stamp.with_suffix(".lock") == p.lock and not p.done()
+    assert warmup.plan(_settings(tiny, device="cuda:1")).device == "cuda:1"
+    assert warmup.plan(_settings(tiny, device="cuda:1")).stamp == p.stamp  # the kernels do not depend on the card
+    assert warmup.plan(_settings(tiny, dtype="fp16")).stamp != p.stamp
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(caches / "other"))
+    assert warmup.plan(_settings(tiny)).stamp != p.stamp
+    assert warmup.plan(_settings(tiny, device="cpu")) is None
+    assert warmup.plan(_settings(tiny, deterministic=False)) is None
+    assert warmup.plan(_settings(caches / "missing")) is None
+    assert warmup.plan(_settings(tiny / "model.gguf")) is None
+
+
+def test_another_config_is_another_stamp(tiny, caches, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    (other / "config.json").write_text((tiny / "config.json").read_text().replace('"num_hidden_layers": 2',
+                                                                                 '"num_hidden_layers": 3'))
+    assert (other / "config.json").read_text() != (tiny / "config.json").read_text()
+    assert warmup.plan(_settings(other)).stamp != warmup.plan(_settings(tiny)).stamp
+    assert warmup.plan(_settings(other)).model == other
+
+
+def test_the_side_process_starts_only_where_it_can_help(tiny, caches, monkeypatch):
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(warmup, "_gpu_node", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert isinstance(warmup.start(_settings(tiny, dtype="bf16")), FakePopen)
+    assert started[-1] == [sys.executable, "-m", "pmaccel.warmup", "--model", str(tiny), "--dtype", "bf16",
+                           "--device", "cuda"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # not the machine's first rank
+    assert warmup.start(_settings(tiny)) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    p = warmup.plan(_settings(tiny))
+    p.stamp.write_text("done\n")
+    assert warmup.start(_settings(tiny)) is not None  # the stamp counts only with the Triton cache it stands for
+    (caches / "triton").mkdir()
+    assert warmup.start(_settings(tiny)) is None  # compiled ahead already
+    monkeypatch.setattr(warmup, "_gpu_node", lambda: False)
+    assert warmup.start(_settings(tiny, dtype="fp16")) is None
+    assert len(started) == 2
+
+
+def test_a_gpu_node_is_a_numbered_nvidia_device_or_amd_kfd_not_hidden(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for nodes, found in ((["null", "nvidiactl", "nvidia-uvm", "nvidia0"], True), (["nvidiactl", "nvidia-uvm"], False),
+                         (["kfd", "dri"], True), (["null", "tty"], False)):
+        monkeypatch.setattr(os, "listdir", lambda path, nodes=nodes: nodes if path == "/dev" else [])
+        assert warmup._gpu_node() is found, nodes
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not warmup._gpu_node()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not warmup._gpu_node()
+
+
+def test_without_cuda_the_side_process_ends_at_once_and_stamps_nothing(tiny, caches, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a machine without CUDA")
+    assert warmup.main(["--model", str(tiny), "--device", "cuda"]) == 0
+    p = warmup.plan(_settings(tiny))
+    assert p.lock.exists() and not p.stamp.exists()
+    warmup.wait(_settings(tiny), timeout=5)  # its lock is free again
+
+
+def _holder(lock, seconds: float, mark) -> subprocess.Popen:
+    """A process that holds ``lock`` for ``seconds``, then writes ``mark`` before it lets go."""
+    code = textwrap.dedent(f"""
+        import fcntl, pathlib, sys, time
+        f = open({str(lock)!r}, "ab")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep({seconds})
+        pathlib.Path({str(mark)!r}).write_text("done")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="file locks of POSIX")
+def test_a_run_waits_for_the_side_process_then_goes_on(tiny, caches, tmp_path):
+    p = warmup.plan(_settings(tiny))
+    warmup.wait(_settings(tiny), timeout=0)  # no side process ever: at once
+    p.lock.parent.mkdir(parents=True)
+    mark = tmp_path / "mark"
+    holder = _holder(p.lock, 1.0, mark)
+    warmup.wait(_settings(tiny))
+    assert mark.read_text() == "done"  # it waited for the holder to finish
+    holder.wait(timeout=30)
+    mark.unlink()
+    holder = _holder(p.lock, 60.0, mark)
+    warmup.wait(_settings(tiny), timeout=0.3)  # it gives up after the timeout
+    assert not mark.exists() and holder.poll() is None
+    warmup.stop(holder)
+    assert holder.poll() is not None
+
+
+@pytest.mark.gpu
+def test_after_the_side_process_a_run_compiles_nothing(tiny, caches):
+    """``python -m pmaccel.warmup`` in empty caches compiles the kernel variants from the config and stamps its
+    success; a process that then loads the model and compiles ahead adds nothing to Triton's cache (each variant
+    is there), and its decode matches a model that compiled everything itself."""
+    from pmaccel import invariant
+
+    if invariant.triton is None:
+        pytest.skip("compiles Triton kernels")
+    env = dict(os.environ)
+    subprocess.run([sys.executable, "-m", "pmaccel.warmup", "--model", str(tiny), "--dtype", "bf16"], env=env,
+                   check=True, timeout=600)
+    p = warmup.plan(_settings(tiny, dtype="bf16"))
+    assert p.done()
+    cache = caches / "triton"
+    before = {path for path in cache.rglob("*") if path.is_file()}
+    assert len(before) > 10
+    code = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from pmaccel import invariant
+        model = AutoModelForCausalLM.from_pretrained({str(tiny)!r}, dtype=torch.bfloat16).to("cuda")
+        assert invariant.compile_ahead(model).result() == 0
+    """)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    after = {path for path in cache.rglob("*") if path.is_file()}
+    assert after == before, sorted(str(path.relative_to(cache)) for path in after - before)
+
+
+@pytest.mark.gpu
+def test_the_cli_starts_the_side_process_on_a_first_run_only(tiny, caches, tmp_path, mixed):
+    """A first run through the CLI leaves the stamp (its side process compiled ahead); the output is the same
+    as a run that found the kernels compiled."""
+    from pmaccel import invariant
+
+    if invariant.triton is None:
+        pytest.skip("compiles Triton kernels")
+    env = {name: value for name, value in os.environ.items() if name != "LOCAL_RANK"}  # a plain run
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.jsonl"
+        subprocess.run([sys.executable, "-m", "pmaccel", "--base_model", str(tiny), "--data_path", str(mixed),
+                        "--out_path", str(out), "--max_new_tokens", "6", "--device", "cuda"], env=env, check=True,
+                       timeout=600)
+        assert warmup.plan(_settings(tiny, device="cuda")).done()
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
