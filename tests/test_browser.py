@@ -8,6 +8,7 @@ that is a failure, unless ``PMACCEL_SKIP_BROWSER`` gives the reason they could n
 by scripts/test.sh). ``PMACCEL_UPDATE_SCREENSHOT=1`` copies the screenshot to docs/images/inspector.png.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,7 +79,8 @@ def voila_url(tmp_path):
         _wait_http(url, proc, log)
         yield url, tmp_path, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # voila and the kernel it started
+        with contextlib.suppress(ProcessLookupError):  # voila may have exited already (its error is raised above)
+            os.killpg(proc.pid, signal.SIGTERM)  # voila and the kernel it started
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
