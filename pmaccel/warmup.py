@@ -4,7 +4,8 @@ With the batch-invariant kernels (CUDA and Triton), a machine's first run compil
 variants (``pmaccel.invariant.compile_ahead``: a few seconds on many cores). The run can start them only
 once its weights are loaded, after Python has imported torch, accelerate, datasets and transformers, and
 threads of the same process gain little during those imports (they wait for Python's lock). So the CLI
-starts this module as a side process before its own imports::
+starts this module as a side process before its own imports (and ``run_job`` before a run in a process of
+its own)::
 
     python -m pmaccel.warmup --model DIR --dtype auto --device cuda
 
@@ -14,8 +15,9 @@ the meta device (no weights read), and launches each kernel variant once (``comp
 run's own ``compile_ahead`` first waits for it (``wait``), then finds every variant there; what the
 skeleton lacks (a LoRA's layers) still compiles in the run.
 
-It runs once per configuration and machine: a stamp under ``<cache>/kernels/`` (``cache_root``) records a
-compile-ahead that succeeded, keyed by the model's config, the dtype, pmaccel's kernel source, Triton's
+It runs once per configuration and machine: a stamp under ``<cache>/kernels/`` (``cache_root``) records that
+it ran to its end (and how it went: a model transformers cannot build from its config fails the same way
+every time, so it is not tried again), keyed by the model's config, the dtype, pmaccel's kernel source, Triton's
 installation and Triton's cache directory. With the stamp there, or no GPU device node, or another
 local rank than the first, nothing starts. A lock on the stamp's ``.lock`` file is held while it compiles;
 every rank of the machine waits for it (``wait``) before compiling its own.
@@ -45,7 +47,7 @@ ROOM_BYTES = 4 << 30  # free device memory the side process leaves beyond the ru
 @dataclass(frozen=True)
 class Plan:
     """Where one configuration's kernels are compiled ahead: the model, dtype and device the side process
-    builds them for, its lock and the stamp of its success."""
+    builds them for, its lock and the stamp of its attempt."""
 
     model: Path
     dtype: str
@@ -54,8 +56,14 @@ class Plan:
     stamp: Path
 
     def done(self) -> bool:
-        """Whether the stamp is there (and Triton's cache directory, which holds what it stands for)."""
-        return self.stamp.is_file() and _triton_cache_dir().is_dir()
+        """Whether the stamp is there, and Triton's cache directory where it stands for kernels compiled there."""
+        try:
+            lines = self.stamp.read_text().splitlines()
+        except OSError:
+            return False
+        if len(lines) > 1 and lines[1].startswith("not compiled"):
+            return True  # tried: another try would end the same way
+        return _triton_cache_dir().is_dir()
 
 
 def plan(settings: Any) -> Plan | None:
@@ -169,8 +177,8 @@ def wait(settings: Any, timeout: float = WAIT_S) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The side process: hold the lock, compile the model's kernel variants ahead, stamp success. Always exits
-    0 (a failure only leaves the run to compile on its own)."""
+    """The side process: hold the lock, compile the model's kernel variants ahead, stamp the attempt (its
+    outcome in the stamp). Always exits 0 (a failure only leaves the run to compile on its own)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m pmaccel.warmup")
@@ -190,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return 0  # another side process compiles them
-        if not p.done() and compile_skeleton(p.model, p.dtype, p.device) == 0:
-            p.stamp.write_text(f"{args.model}\n")
+        if p.done():
+            return 0
+        try:
+            failed = compile_skeleton(p.model, p.dtype, p.device)
+            outcome = ("compiled" if failed == 0 else f"compiled; {failed} launches failed" if failed > 0
+                       else "not compiled: no CUDA device, no Triton or too little free device memory")
+        except Exception as e:  # noqa: BLE001  (a model transformers cannot build from its config alone, say)
+            outcome = f"not compiled: {type(e).__name__}: {e}"
+        # tried: later runs start none (another try would end the same way; what is missing compiles in the run)
+        p.stamp.write_text(f"{args.model}\n{outcome}\n")
     return 0
 
 

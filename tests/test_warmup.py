@@ -72,7 +72,7 @@ def test_the_side_process_starts_only_where_it_can_help(tiny, caches, monkeypatc
     assert warmup.start(_settings(tiny)) is None
     monkeypatch.setenv("LOCAL_RANK", "0")
     p = warmup.plan(_settings(tiny))
-    p.stamp.write_text("done\n")
+    p.stamp.write_text(f"{tiny}\ncompiled\n")
     assert warmup.start(_settings(tiny)) is not None  # the stamp counts only with the Triton cache it stands for
     (caches / "triton").mkdir()
     assert warmup.start(_settings(tiny)) is None  # compiled ahead already
@@ -93,13 +93,31 @@ def test_a_gpu_node_is_a_numbered_nvidia_device_or_amd_kfd_not_hidden(monkeypatc
     assert not warmup._gpu_node()
 
 
-def test_without_cuda_the_side_process_ends_at_once_and_stamps_nothing(tiny, caches, monkeypatch):
+def test_without_cuda_the_side_process_ends_at_once_and_says_so_in_its_stamp(tiny, caches, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a machine without CUDA")
     assert warmup.main(["--model", str(tiny), "--device", "cuda"]) == 0
     p = warmup.plan(_settings(tiny))
-    assert p.lock.exists() and not p.stamp.exists()
+    assert p.lock.exists() and p.stamp.read_text().splitlines() == [str(tiny), "not compiled: no CUDA device, no "
+                                                                     "Triton or too little free device memory"]
     warmup.wait(_settings(tiny), timeout=5)  # its lock is free again
+
+
+def test_a_model_that_cannot_be_built_is_stamped_and_not_tried_again(tiny, caches, monkeypatch):
+    """A failure (here: transformers cannot build the model) ends the side process with exit status 0 and a
+    stamp naming the error, so the next run starts none; a run it did not finish (stopped) leaves none."""
+    calls = []
+
+    def broken(model, dtype, device):
+        calls.append(model)
+        raise ValueError("unknown model type 'custom'")
+
+    monkeypatch.setattr(warmup, "compile_skeleton", broken)
+    assert warmup.main(["--model", str(tiny)]) == 0
+    p = warmup.plan(_settings(tiny))
+    assert p.stamp.read_text().splitlines()[1] == "not compiled: ValueError: unknown model type 'custom'"
+    assert p.done()  # with no Triton cache: nothing compiled stands behind this stamp
+    assert warmup.main(["--model", str(tiny)]) == 0 and len(calls) == 1  # stamped: not tried again
 
 
 def _holder(lock, seconds: float, mark) -> subprocess.Popen:
@@ -148,7 +166,7 @@ def test_after_the_side_process_a_run_compiles_nothing(tiny, caches):
     subprocess.run([sys.executable, "-m", "pmaccel.warmup", "--model", str(tiny), "--dtype", "bf16"], env=env,
                    check=True, timeout=600)
     p = warmup.plan(_settings(tiny, dtype="bf16"))
-    assert p.done()
+    assert p.done() and p.stamp.read_text().splitlines() == [str(tiny), "compiled"]
     cache = caches / "triton"
     before = {path for path in cache.rglob("*") if path.is_file()}
     assert len(before) > 10
