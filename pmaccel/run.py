@@ -268,6 +268,9 @@ def _run_in_child(settings: Settings, job: Job) -> Records | None:
     import subprocess
     import tempfile
 
+    from pmaccel import warmup
+
+    side = warmup.start(settings)  # a machine's first run: the kernels compile meanwhile (as the CLI does)
     with tempfile.TemporaryDirectory(prefix="pmaccel-") as tmp:
         task, result = Path(tmp, "task.pkl"), Path(tmp, "result.pkl")
         task.write_bytes(pickle.dumps((settings, job)))
@@ -280,6 +283,8 @@ def _run_in_child(settings: Settings, job: Job) -> Records | None:
             child.terminate()
             child.wait()
             raise
+        finally:
+            warmup.stop(side)
         if not result.exists():
             raise RuntimeError(f"pmaccel's run process ended with exit status {status}; its output is above")
         ok, value = pickle.loads(result.read_bytes())

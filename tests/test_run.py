@@ -82,6 +82,21 @@ def test_a_run_in_its_own_process_gives_the_same_records_and_errors(tiny, tmp_pa
     assert there_error.value.row == 2 and not any(tmp_path.glob("b2.jsonl*"))
 
 
+def test_a_run_in_its_own_process_has_the_kernels_compiled_beside_it(tiny, tmp_path, monkeypatch):
+    """As the CLI does, ``run_job(own_process=True)`` starts ``pmaccel.warmup``'s side process (where it applies)
+    before its run's process, and ends it once that is over."""
+    from pmaccel import warmup
+    from pmaccel.inference import GenerateJob
+
+    events = []
+    monkeypatch.setattr(warmup, "start", lambda settings: events.append(("start", settings.base_model)) or "side")
+    monkeypatch.setattr(warmup, "stop", lambda side: events.append(("stop", side, (tmp_path / "o.jsonl").exists())))
+    data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS[:2])
+    run_job(run_settings(None, dict(base_model=str(tiny), data_path=str(data), out_path=str(tmp_path / "o.jsonl"),
+                                    max_new_tokens=2)), GenerateJob(), own_process=True)
+    assert events == [("start", str(tiny)), ("stop", "side", True)]
+
+
 def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
     import torch
 
