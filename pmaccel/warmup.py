@@ -124,11 +124,12 @@ def start(settings: Any) -> subprocess.Popen | None:
         return None
     import subprocess
 
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}  # this pmaccel
     try:
         p.lock.parent.mkdir(parents=True, exist_ok=True)
         return subprocess.Popen(
             [sys.executable, "-m", "pmaccel.warmup", "--model", str(p.model), "--dtype", p.dtype, "--device", p.device],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:  # a read-only cache, no interpreter to start: the run compiles on its own, as without this
         return None
 

@@ -59,8 +59,9 @@ def test_the_side_process_starts_only_where_it_can_help(tiny, caches, monkeypatc
     started = []
 
     class FakePopen:
-        def __init__(self, cmd, **kwargs):
+        def __init__(self, cmd, env, **kwargs):
             started.append(cmd)
+            assert env["PYTHONPATH"].split(os.pathsep) == [path for path in sys.path if path]  # this pmaccel
 
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     monkeypatch.setattr(warmup, "_gpu_node", lambda: True)
@@ -101,6 +102,19 @@ def test_without_cuda_the_side_process_ends_at_once_and_says_so_in_its_stamp(tin
     assert p.lock.exists() and p.stamp.read_text().splitlines() == [str(tiny), "not compiled: no CUDA device, no "
                                                                      "Triton or too little free device memory"]
     warmup.wait(_settings(tiny), timeout=5)  # its lock is free again
+
+
+def test_the_side_process_a_run_starts_ends_by_itself_and_stamps_its_outcome(tiny, caches, monkeypatch):
+    """The real thing, on a machine without CUDA: ``start`` launches ``python -m pmaccel.warmup``, which ends
+    with exit status 0 and a stamp saying nothing was compiled; the next ``start`` launches none."""
+    if torch.cuda.is_available():
+        pytest.skip("a machine without CUDA")
+    monkeypatch.setattr(warmup, "_gpu_node", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    side = warmup.start(_settings(tiny))
+    assert side is not None and side.wait(timeout=300) == 0
+    assert warmup.plan(_settings(tiny)).stamp.read_text().splitlines()[1].startswith("not compiled: no CUDA")
+    assert warmup.start(_settings(tiny)) is None
 
 
 def test_a_model_that_cannot_be_built_is_stamped_and_not_tried_again(tiny, caches, monkeypatch):
