@@ -793,8 +793,10 @@ def _rope_modules(model: Any, device: torch.device | None = None) -> list[Any]:
         if not callable(fn) or not isinstance(head_dim, int) or hasattr(fn, "pmaccel_original"):
             continue
         weight = next(m.parameters(), None)
-        at = device if weight is not None and weight.is_meta and device is not None else getattr(weight, "device", None)
-        if weight is None or at is None or at.type != "cuda" or not weight.is_floating_point():
+        if weight is None or not weight.is_floating_point():
+            continue
+        at = device if weight.is_meta and device is not None else weight.device
+        if at.type != "cuda":
             continue
         key = (module.__name__, head_dim, weight.dtype)
         if key not in _FUSABLE_ROPE:

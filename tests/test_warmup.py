@@ -205,12 +205,16 @@ def test_the_cli_starts_the_side_process_on_a_first_run_only(tiny, caches, tmp_p
     if invariant.triton is None:
         pytest.skip("compiles Triton kernels")
     env = {name: value for name, value in os.environ.items() if name != "LOCAL_RANK"}  # a plain run
-    outs = []
+    stamp = warmup.plan(_settings(tiny, device="cuda")).stamp
+    outs, stamped = [], []
     for run in range(2):
         out = tmp_path / f"out{run}.jsonl"
         subprocess.run([sys.executable, "-m", "pmaccel", "--base_model", str(tiny), "--data_path", str(mixed),
                         "--out_path", str(out), "--max_new_tokens", "6", "--device", "cuda"], env=env, check=True,
                        timeout=600)
         assert warmup.plan(_settings(tiny, device="cuda")).done()
+        assert stamp.read_text().splitlines()[1] == "compiled"
         outs.append(out.read_bytes())
+        stamped.append(stamp.stat().st_mtime_ns)
     assert outs[0] == outs[1]
+    assert stamped[0] == stamped[1]  # the repeat started no side process (only it writes the stamp)
