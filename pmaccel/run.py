@@ -213,7 +213,7 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
             # a rank of notebook_launcher/debug_launcher: every rank meets the same input error; the main
             # one says it in one line and all end with status 2 (the launcher then reports the failed
             # processes), instead of each rank's traceback relayed by the launcher
-            if int(os.environ.get("RANK", "0")) == 0:
+            if _launched_rank() == 0:
                 print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         raise
@@ -234,6 +234,16 @@ def _forked_rank() -> bool:
 
     launched = os.environ.get("FORK_LAUNCHED") == "1" or "TORCHELASTIC_RUN_ID" in os.environ
     return launched and int(os.environ.get("WORLD_SIZE", "1")) > 1 and multiprocessing.parent_process() is not None
+
+
+def _launched_rank() -> int:
+    """This process's rank among a launcher's: the process group's when there is one (``debug_launcher``
+    sets no ``RANK``, and Accelerate then sets it to 0 in every process), else ``RANK``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def spares_cuda(settings: Settings) -> bool:

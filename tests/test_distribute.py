@@ -280,6 +280,37 @@ def test_a_bad_row_under_notebook_launcher_is_one_line_and_exit_status_2(tiny, t
     assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
 
 
+EVERY_RANK_MEETS_A_BAD_ROW = textwrap.dedent("""
+    import sys
+    from accelerate import debug_launcher
+    import pmaccel
+
+    def both_ranks(s):
+        try:
+            pmaccel.infer(s)
+        except SystemExit as e:  # kept from ending the process, so the launcher stops no rank early
+            import torch.distributed as dist
+            print(f"rank {dist.get_rank()} exit {e.code}", flush=True)
+
+    base, data, out = sys.argv[1:]
+    debug_launcher(both_ranks, (pmaccel.Settings(base_model=base, data_path=data, out_path=out),), num_processes=2)
+""")
+
+
+def test_under_debug_launcher_only_rank_0_says_the_error(tiny, tmp_path):
+    # debug_launcher sets no RANK (Accelerate sets it to 0 in both processes); here no rank ends before the
+    # other has met the error, so a second line would show
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "the cat"}\n{"text": 5}\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", EVERY_RANK_MEETS_A_BAD_ROW, str(tiny), str(data),
+                           str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"pmaccel: error: {data}:2: text"), proc.stderr
+    assert sorted(proc.stdout.split("\n")[-3:-1]) == ["rank 0 exit 2", "rank 1 exit 2"], proc.stdout
+    assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
+
+
 def test_a_bad_row_under_accelerate_launch_is_one_line_from_the_main_rank(tiny, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
