@@ -129,20 +129,11 @@ class GenerateJob(Job):
         keys, parallel, flat = measure.record_keys(settings)
         return output.row_records(sample, rows, result, keys=keys, parallel_keys=parallel, flat_keys=flat)
 
-    def wants_totals(self, settings: Settings) -> bool:
-        """Whether ``totals`` has anything to add (then every result is held on the main process for it)."""
-        return settings.compare or settings.leakage
-
-    def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
-               settings: Settings) -> tuple[dict[str, Any], list[str]]:
-        """Dataset totals and the same in words, on the main process, from every sample's result once
-        (de-duplicated, in index order): sums, never averages of averages, so they do not depend on
-        the number of processes. ``{}`` when the job has none."""
-        if not (settings.compare or settings.leakage):
-            return {}, []
+    def totals(self, settings: Settings) -> run.Totals | None:
+        """The ``--compare`` / ``--leakage`` totals, when either is on."""
         from pmaccel import measure
 
-        return measure.totals(results, settings)
+        return measure.MeasureTotals(settings) if settings.compare or settings.leakage else None
 
 
 def _engine(settings: Settings, model: Any) -> Any:

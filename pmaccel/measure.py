@@ -47,6 +47,7 @@ from pmaccel.errors import PMAccelError
 from pmaccel.layout import MASKS, PackedSample, TokenMeta, additive_mask, allowed, stack_positions
 from pmaccel.output import FLAT_KEYS, PARALLEL_KEYS, RESULT_KEYS
 from pmaccel.rope import is_rope_2d
+from pmaccel.run import Totals
 
 COMPARE_KEYS = ("agree", "first_divergence", "reference_outputs")  # per branch, in a result / parallel row
 COMPARE_FLAT_KEYS = ("agree", "first_divergence", "reference_output")  # in a flat row
@@ -173,44 +174,51 @@ def add_leakage(compact: list[dict], results: list[dict], model: Any, tokenizer:
 # ----------------------------------------------------------------------------- dataset totals
 
 
-def totals(results: Sequence[Mapping[str, Any]], settings: Any) -> tuple[dict[str, Any], list[str]]:
-    """Dataset totals of ``--compare`` / ``--leakage`` from every sample's result, and the same in words."""
-    out: dict[str, Any] = {}
-    notes: list[str] = []
-    if settings.compare:
-        out["compare"] = compare_totals(results)
-        c = out["compare"]
-        notes.append(f"compare: {c['agree']}/{c['branches']} branches agree with independent decoding "
-                     f"({100 * c['agreement']:.1f}%)" + (
-                         f"; the others diverge at generated token {c['mean_first_divergence']:.1f} on average"
-                         if c["diverged"] else ""))
-    if settings.leakage:
-        out["leakage"] = leakage_totals(results)
-        per_layer = out["leakage"]["per_layer"]
-        notes.append(f"leakage (attention mass of branch tokens on other branches), mean over layers "
-                     f"{out['leakage']['mean']:.4f}; per layer: " + " ".join(f"{x:.4f}" for x in per_layer))
-    return out, notes
+class MeasureTotals(Totals):
+    """The dataset totals of ``--compare`` / ``--leakage``, summed a result at a time in index order."""
 
+    def __init__(self, settings: Any):
+        self.compare, self.leakage = settings.compare, settings.leakage
+        self.branches = self.agree = self.diverged = self.divergence_sum = 0  # --compare
+        self.layer_sums: list[float] = []  # --leakage: per layer, sum of leakage * tokens
+        self.leakage_tokens = 0
 
-def compare_totals(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``branches``, ``agree``, ``agreement``, ``diverged``, ``mean_first_divergence`` (over diverged)."""
-    agree = [a for r in results for a in r["agree"]]
-    where = [w for r in results for w in r["first_divergence"] if w is not None]
-    return {"branches": len(agree), "agree": sum(agree), "agreement": sum(agree) / len(agree) if agree else 1.0,
-            "diverged": len(where), "mean_first_divergence": sum(where) / len(where) if where else None}
+    def add(self, sample: Any, rows: Mapping[int, Any], result: Mapping[str, Any]) -> None:
+        if self.compare:
+            self.branches += len(result["agree"])
+            self.agree += sum(result["agree"])
+            where = [w for w in result["first_divergence"] if w is not None]
+            self.diverged += len(where)
+            self.divergence_sum += sum(where)
+        if self.leakage:
+            for per_layer, n in zip(result["leakage"], result["leakage_tokens"]):
+                if not self.layer_sums:
+                    self.layer_sums = [0.0] * len(per_layer)
+                self.leakage_tokens += n
+                for layer, value in enumerate(per_layer):
+                    self.layer_sums[layer] += value * n
 
+    def summary(self) -> tuple[dict[str, Any], list[str]]:
+        out: dict[str, Any] = {}
+        notes: list[str] = []
+        if self.compare:
+            c = out["compare"] = {
+                "branches": self.branches, "agree": self.agree,
+                "agreement": self.agree / self.branches if self.branches else 1.0, "diverged": self.diverged,
+                "mean_first_divergence": self.divergence_sum / self.diverged if self.diverged else None}
+            notes.append(f"compare: {c['agree']}/{c['branches']} branches agree with independent decoding "
+                         f"({100 * c['agreement']:.1f}%)" + (
+                             f"; the others diverge at generated token {c['mean_first_divergence']:.1f} on average"
+                             if c["diverged"] else ""))
+        if self.leakage:
+            tokens = self.leakage_tokens
+            per_layer = [s / tokens if tokens else 0.0 for s in self.layer_sums]
+            out["leakage"] = {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+                              "tokens": tokens}
+            notes.append(f"leakage (attention mass of branch tokens on other branches), mean over layers "
+                         f"{out['leakage']['mean']:.4f}; per layer: " + " ".join(f"{x:.4f}" for x in per_layer))
+        return out, notes
 
-def leakage_totals(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``per_layer`` (token-weighted over every branch token of the dataset), ``mean`` over layers, ``tokens``."""
-    num_layers = next((len(x) for r in results for x in r["leakage"]), 0)
-    sums, tokens = [0.0] * num_layers, 0
-    for r in results:
-        for per_layer, n in zip(r["leakage"], r["leakage_tokens"]):
-            tokens += n
-            for layer, value in enumerate(per_layer):
-                sums[layer] += value * n
-    per_layer = [s / tokens if tokens else 0.0 for s in sums]
-    return {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer) if per_layer else 0.0, "tokens": tokens}
 
 # ----------------------------------------------------------------------------- attention mass between groups
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +165,24 @@ class Job:
         """The output records of a sample's rows, as ``(row position, record)``."""
         raise NotImplementedError
 
-    def wants_totals(self, settings: Settings) -> bool:
-        """Whether ``totals`` has anything to add (then every result is held on the main process for it)."""
-        return False
+    def totals(self, settings: Settings) -> Totals | None:
+        """What takes this job's dataset totals as the main process writes the output; ``None`` when it has
+        none."""
+        return None
 
-    def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
-               settings: Settings) -> tuple[dict[str, Any], list[str]]:
-        """Dataset totals and the same in words, on the main process, from every sample's result once
-        (de-duplicated, in index order): sums, never averages of averages, so they do not depend on
-        the number of processes. ``{}`` when the job has none."""
-        return {}, []
+
+class Totals:
+    """Dataset totals, taken on the main process from every sample's result once (de-duplicated, in index
+    order, as the output is written): running sums, never averages of averages, so they do not depend on the
+    number of processes, and never the results themselves, so memory does not grow with the dataset."""
+
+    def add(self, sample: Sample, rows: Mapping[int, Row], result: dict) -> None:
+        """Count one sample's result; ``rows`` holds its rows (``sample.rows``)."""
+        raise NotImplementedError
+
+    def summary(self) -> tuple[dict[str, Any], list[str]]:
+        """The totals, and the same in words."""
+        raise NotImplementedError
 
 
 def run_settings(settings: Settings | None, kwargs: dict[str, Any]) -> Settings:
@@ -639,8 +647,7 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
         return None
     world = accelerator.num_processes
     count = {"rows": 0, "computed": 0, "generated": 0, "tokens": 0}
-    kept: list[dict] = []  # every result, only when the job has dataset totals
-    keep_all = job.wants_totals(settings)
+    totals = job.totals(settings)
 
     def results(found: output.PartResults) -> Iterator[tuple[Sample, dict[int, Row], dict]]:
         try:
@@ -668,8 +675,8 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
                 count["computed"] += 1
                 count["tokens"] += job.tokens(result)
                 count["generated"] += sum(result.get("num_generated_tokens", []))
-            if keep_all:
-                kept.append(result)
+            if totals is not None:
+                totals.add(sample, rows, result)
             for pos, record in job.records(sample, rows, result, settings):
                 assert pos > last, "samples come in row order"
                 last = pos
@@ -685,7 +692,7 @@ def _merge(accelerator: Any, out_path: Path, table: SampleTable, keys: _Keys, sk
     else:
         errors.unlink(missing_ok=True)  # from an earlier run
     records = Records(out_path)
-    records.summary = _summary(table, skipped, count, kept, started, out_path, job, settings)
+    records.summary = _summary(table, skipped, count, totals, started, out_path, job, settings)
     return records
 
 
@@ -709,14 +716,14 @@ def _serve_results(accelerator: Any, out_path: Path, table: SampleTable, keys: _
             own.close()
 
 
-def _summary(table: SampleTable, skipped: list[Skipped], count: dict[str, int], kept: list[dict], started: float,
-             out_path: Path, job: Job, settings: Settings) -> Summary:
-    totals, notes = job.totals(table, kept, table.rows, settings) if kept else ({}, [])
+def _summary(table: SampleTable, skipped: list[Skipped], count: dict[str, int], totals: Totals | None,
+             started: float, out_path: Path, job: Job, settings: Settings) -> Summary:
+    sums, notes = totals.summary() if totals is not None and len(table) else ({}, [])
     return Summary(
         rows=count["rows"], samples=len(table), branches=int(table.num_branches.sum()),
         skipped_rows=len(skipped), samples_computed=count["computed"], samples_resumed=len(table) - count["computed"],
         generated_tokens=count["generated"], tokens=count["tokens"],
-        wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=totals, notes=notes,
+        wall_time_s=time.perf_counter() - started, out_path=str(out_path), job=job.name, totals=sums, notes=notes,
         deterministic=_deterministic(settings, job),
     )
 

@@ -39,6 +39,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 from pmaccel.errors import PMAccelError
 from pmaccel.grouping import Sample
 from pmaccel.rows import Row
-from pmaccel.run import Job, Records, run_job, run_settings
+from pmaccel.run import Job, Records, Totals, run_job, run_settings
 from pmaccel.samples import ScoreTokens, tokenize_for_scoring
 from pmaccel.settings import Settings, default
 
@@ -305,47 +306,75 @@ class ScoreJob(Job):
                 record.update(prediction=choice, correct=choice == label)
         return records
 
-    def wants_totals(self, settings: Settings) -> bool:
-        return True
-
-    def totals(self, samples: list[Sample], results: list[dict], rows: Sequence[Row],
-               settings: Settings) -> tuple[dict[str, Any], list[str]]:
-        return score_totals(samples, results, rows, settings.length_normalize)
+    def totals(self, settings: Settings) -> ScoreTotals:
+        return ScoreTotals(settings.length_normalize)
 
 
-def score_totals(samples: Sequence[Sample], results: Sequence[Mapping[str, Any]], rows: Sequence[Row],
-                 length_normalize: bool = False) -> tuple[dict[str, Any], list[str]]:
-    """Dataset totals from every sample's result, once each, in index order; and the same in words.
+class ExactSum:
+    """``math.fsum``, taken a value at a time: a finite float is a whole multiple of 2**-1074, so the sum is
+    kept exactly as that multiple and rounded once, as ``fsum`` rounds (the same float, whatever the order)."""
+
+    def __init__(self) -> None:
+        self.units = 0  # the sum of the finite values, in 2**-1074
+        self.other = 0.0  # the sum of the infinities and NaNs
+
+    def add(self, x: float) -> None:
+        if not math.isfinite(x):
+            self.other += x
+            return
+        n, d = x.as_integer_ratio()  # d = 2**k, k <= 1074
+        self.units += n << (1075 - d.bit_length())
+
+    def value(self) -> float:
+        if self.other != 0.0 or math.isnan(self.other):
+            return self.other
+        return float(Fraction(self.units, 1 << 1074))
+
+
+class ScoreTotals(Totals):
+    """Dataset totals of a score run, a result at a time in index order.
 
     ``perplexity = exp(-sum of log-probs / sum of target tokens)`` over the branches of rows scored for
     their targets (multiple-choice rows are left out: their wrong choices are no target; a file of
     multiple-choice rows only has no perplexity); multiple choice: ``accuracy = correct rows / labelled
     rows`` and ``chance`` = the mean of 1 / choices over those rows.
     """
-    labels = [None if sample.flat else label_of(rows[sample.rows[0]]) for sample in samples]
-    targets = [r for r, label in zip(results, labels) if label is None]
-    logprob = math.fsum(lp for r in targets for lp in r["logprobs"])
-    tokens = sum(n for r in targets for n in r["num_target_tokens"])
-    totals: dict[str, Any] = {"branches": sum(len(r["logprobs"]) for r in targets), "tokens": tokens}
-    notes = []
-    if tokens:
-        nll = -logprob / tokens
-        totals.update(logprob=logprob, nll=nll, perplexity=math.exp(nll))
-        notes.append(f"log-likelihood: {tokens} target tokens in {totals['branches']} branches, sum log-prob "
-                     f"{logprob:.4f}, mean NLL {nll:.4f}, perplexity {totals['perplexity']:.4f}")
-    correct = chance = labelled = 0
-    for label, result in zip(labels, results):
-        if label is not None:
-            labelled += 1
-            correct += predict(result["logprobs"], result["num_target_tokens"], length_normalize) == label
-            chance += 1 / len(result["logprobs"])
-    if labelled:
-        mc = {"rows": labelled, "correct": correct, "accuracy": correct / labelled, "chance": chance / labelled,
-              "length_normalize": length_normalize}
-        totals["multiple_choice"] = mc
-        notes.append(f"multiple choice: accuracy {mc['accuracy']:.3f} ({correct}/{labelled} rows; chance "
-                     f"{mc['chance']:.3f}; by {'mean' if length_normalize else 'summed'} log-prob)")
-    return totals, notes
+
+    def __init__(self, length_normalize: bool = False):
+        self.length_normalize = length_normalize
+        self.logprob, self.tokens, self.branches = ExactSum(), 0, 0  # rows scored for their targets
+        self.labelled = self.correct = 0  # multiple-choice rows
+        self.chance = 0.0
+
+    def add(self, sample: Sample, rows: Mapping[int, Row], result: Mapping[str, Any]) -> None:
+        label = None if sample.flat else label_of(rows[sample.rows[0]])
+        if label is None:
+            for lp in result["logprobs"]:
+                self.logprob.add(lp)
+            self.tokens += sum(result["num_target_tokens"])
+            self.branches += len(result["logprobs"])
+        else:
+            self.labelled += 1
+            self.correct += predict(result["logprobs"], result["num_target_tokens"], self.length_normalize) == label
+            self.chance += 1 / len(result["logprobs"])
+
+    def summary(self) -> tuple[dict[str, Any], list[str]]:
+        tokens, labelled, correct = self.tokens, self.labelled, self.correct
+        totals: dict[str, Any] = {"branches": self.branches, "tokens": tokens}
+        notes = []
+        if tokens:
+            logprob = self.logprob.value()
+            nll = -logprob / tokens
+            totals.update(logprob=logprob, nll=nll, perplexity=math.exp(nll))
+            notes.append(f"log-likelihood: {tokens} target tokens in {totals['branches']} branches, sum log-prob "
+                         f"{logprob:.4f}, mean NLL {nll:.4f}, perplexity {totals['perplexity']:.4f}")
+        if labelled:
+            mc = {"rows": labelled, "correct": correct, "accuracy": correct / labelled,
+                  "chance": self.chance / labelled, "length_normalize": self.length_normalize}
+            totals["multiple_choice"] = mc
+            notes.append(f"multiple choice: accuracy {mc['accuracy']:.3f} ({correct}/{labelled} rows; chance "
+                         f"{mc['chance']:.3f}; by {'mean' if self.length_normalize else 'summed'} log-prob)")
+        return totals, notes
 
 
 def score(settings: Settings | None = None, /, **kwargs: Any) -> Records | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import helpers_infer
 import pytest
@@ -182,6 +183,36 @@ def test_leakage_matches_a_hand_computation_under_the_columnar_mask(tiny, parall
     print("columnar leakage per layer:", got["per_layer"], "by hand:", expected)
     assert got["per_layer"] == pytest.approx(expected, abs=1e-6) and got["tokens"] == tokens
     assert min(expected) > 0.01, "under columnar the branches do see each other"
+
+
+def test_measure_totals_hold_running_sums_not_the_results():
+    """The totals are taken as the output is written: what they hold does not grow with the rows, and they are the
+    module's formulas over every branch (agreement, mean first divergence, token-weighted leakage per layer)."""
+    from types import SimpleNamespace
+
+    from pmaccel.measure import MeasureTotals
+
+    def result(i):
+        return {"agree": [i % 4 != 0, True], "first_divergence": [i % 9 if i % 4 == 0 else None, None],
+                "leakage": [[0.01 * (i % 5), 0.5], [0.2, 0.001 * i]], "leakage_tokens": [i % 6 + 1, 3]}
+
+    def totals_after(n):
+        totals = MeasureTotals(SimpleNamespace(compare=True, leakage=True))
+        for i in range(n):
+            totals.add(None, {}, result(i))
+        return totals
+
+    assert len(pickle.dumps(totals_after(3000))) - len(pickle.dumps(totals_after(30))) < 16
+    sums, notes = totals_after(3000).summary()
+    results = [result(i) for i in range(3000)]
+    where = [w for r in results for w in r["first_divergence"] if w is not None]
+    assert sums["compare"] == {"branches": 6000, "agree": 6000 - 750, "agreement": 5250 / 6000, "diverged": 750,
+                               "mean_first_divergence": sum(where) / 750}
+    tokens = sum(n for r in results for n in r["leakage_tokens"])
+    per_layer = [sum(x[layer] * n for r in results for x, n in zip(r["leakage"], r["leakage_tokens"])) / tokens
+                 for layer in (0, 1)]
+    assert sums["leakage"]["tokens"] == tokens and sums["leakage"]["per_layer"] == pytest.approx(per_layer, rel=1e-12)
+    assert notes[0].startswith("compare: 5250/6000 branches agree")
 
 
 def test_cli_compare_and_leakage(tiny, mixed, tmp_path, capsys):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import random
 
 import helpers_infer
 import pytest
@@ -20,7 +22,7 @@ import pmaccel.scoring
 from pmaccel.cli import main
 from pmaccel.errors import PMAccelError
 from pmaccel.rope import patch_rope
-from pmaccel.scoring import mc_path, score, score_samples
+from pmaccel.scoring import ExactSum, mc_path, score, score_samples
 
 STRIDE = 128
 
@@ -240,12 +242,51 @@ def test_records_and_summary(tiny, rows_file, tmp_path):
     t = records.summary.totals
     lps = [x for row, r in zip(ROWS, records) if "label" not in row
            for x in (r["logprobs"] if "logprobs" in r else [r["logprob"]])]
-    assert t["logprob"] == pytest.approx(sum(lps)) and t["perplexity"] == pytest.approx(math.exp(-sum(lps) / t["tokens"]))
+    assert t["logprob"] == math.fsum(lps) and t["perplexity"] == pytest.approx(math.exp(-sum(lps) / t["tokens"]))
     assert t["multiple_choice"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert "perplexity" in str(records.summary) and records.summary.job == "pmaccel score"
     summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
     scored = sum(sum(n) if isinstance(n, list) else n for n in (r["num_target_tokens"] for r in records))
     assert summary["tokens"] == scored and summary["tokens_per_s"] > 0
+
+
+def test_exact_sum_is_fsum_taken_a_value_at_a_time():
+    rng = random.Random(0)
+    for _ in range(500):
+        xs = [rng.choice([-rng.expovariate(0.05), rng.uniform(-1, 1) * 10.0 ** rng.randint(-320, 300),
+                          1e16, -1e16, 0.1, -0.1, 5e-324, -0.0]) for _ in range(rng.randint(0, 40))]
+        total = ExactSum()
+        for x in xs:
+            total.add(x)
+        assert total.value() == math.fsum(xs), xs
+    total = ExactSum()
+    for x in (-1.5, -math.inf, 2.0):
+        total.add(x)
+    assert total.value() == -math.inf
+
+
+def test_score_totals_hold_running_sums_not_the_results():
+    """The main process takes the totals as it writes the output: what they hold does not grow with the rows."""
+    from pmaccel.grouping import Sample
+    from pmaccel.rows import Row
+
+    def totals_after(n):
+        totals = pmaccel.scoring.ScoreTotals()
+        for i in range(n):
+            labelled = i % 3 == 0
+            row = Row(number=i + 1, fields={"label": 1} if labelled else {}, flat=False, main="m", branches=["a", "b"])
+            sample = Sample(index=i, rows=(i,), flat=False, main="m", branches=["a", "b"])
+            totals.add(sample, {i: row}, {"logprobs": [-0.5 * (i % 7) - 0.2, -2.5], "num_target_tokens": [3, 2]})
+        return totals
+
+    small, large = totals_after(30), totals_after(3000)
+    assert len(pickle.dumps(large)) - len(pickle.dumps(small)) < 16
+    sums, _ = large.summary()
+    targets = [i for i in range(3000) if i % 3]
+    assert sums["tokens"] == 5 * len(targets) and sums["branches"] == 2 * len(targets)
+    assert sums["logprob"] == math.fsum(x for i in targets for x in (-0.5 * (i % 7) - 0.2, -2.5))
+    assert sums["multiple_choice"]["rows"] == 1000 and sums["multiple_choice"]["chance"] == pytest.approx(0.5)
+    assert sums["multiple_choice"]["correct"] == sum(1 for i in range(0, 3000, 3) if -0.5 * (i % 7) - 0.2 < -2.5) > 0
 
 
 def test_multiple_choice_alone_reports_accuracy_and_no_perplexity(tiny, tmp_path):
