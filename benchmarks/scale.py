@@ -24,6 +24,8 @@ resume and of the merge at a size whose decoding would take hours on a small CPU
 file's own pass tokenizes under a cache of its own, so the launched run still starts from a cold cache.
 --max_samples N runs only the first N samples after reading and tokenizing every row: a fresh run's work before
 its first forward, without decoding every sample (which takes hours on a small CPU).
+--job score writes rows with a target per branch and runs `pmaccel score` (with --merge_only, its dummy results
+differ from sample to sample), so the merge also takes the dataset totals (perplexity, accuracy).
 --tokenizer DIR gives the model a tokenizer from a directory instead of the embedded model's (a machine
 without the embedded model's package). On a GPU machine the GPUs are hidden from the run.
 """
@@ -45,15 +47,19 @@ WORDS = ("the a cat dog sea sun moon tree river city house book time year day ni
          "old new good once upon there lived who what why how when where").split()
 
 
-def write_rows(path: Path, n: int, seed: int = 0) -> None:
+def write_rows(path: Path, n: int, seed: int = 0, targets: bool = False) -> None:
+    """``n`` parallel rows; with ``targets``, rows to score (each branch a 15-word prompt and a 5-word target)."""
     rng = random.Random(seed)
 
     def text(k: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(k))
 
+    def branch() -> str | dict:
+        return {"text": text(15), "target": text(5)} if targets else text(20)
+
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": i, "main": text(40), "branches": [text(20) for _ in range(4)]}) + "\n")
+            f.write(json.dumps({"id": i, "main": text(40), "branches": [branch() for _ in range(4)]}) + "\n")
 
 
 def write_model(path: Path, tokenizer: str | None = None) -> None:
@@ -98,9 +104,14 @@ from pmaccel import output
 from pmaccel.grouping import Grouping, group_samples, tokenize_rows
 from pmaccel.rows import RowsView, load_rows
 from pmaccel.settings import Settings
-rows, model, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rows, model, out, workers, job = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 settings = Settings(base_model=model, data_path=rows, out_path=out, max_new_tokens=1, device="cpu",
                     num_workers=workers)
+if job == "score":
+    from pmaccel.scoring import ScoreJob
+    kind, ignore = ScoreJob.kind, ScoreJob.ignore
+else:
+    kind, ignore = "", ()
 tok = AutoTokenizer.from_pretrained(model)
 t = time.perf_counter()
 table = load_rows(rows, num_workers=workers)
@@ -116,9 +127,14 @@ print(f"cold cache, one process, --num_workers {workers}: read {read:.1f} s, tok
 with output.PartWriter(output.part_path(Path(out), 0, 1)) as writer:
     for start in range(0, len(samples), 4096):
         chunk = samples.take(range(start, min(start + 4096, len(samples))), with_ids=False)
-        keys = output.sample_keys(chunk, settings, runtime="torch.float32@cpu")
-        writer.append((s.index, k, {"outputs": ["x"] * len(s.branches), "finish_reasons": ["length"] * len(s.branches),
-                                    "num_generated_tokens": [1] * len(s.branches)}) for s, k in zip(chunk, keys))
+        keys = output.sample_keys(chunk, settings, kind=kind, ignore=ignore, runtime="torch.float32@cpu")
+        if job == "score":  # a result as scoring writes it, different for every sample
+            results = [{"logprobs": [-1.5 - (s.index % 97) / 8 - b for b in range(len(s.branches))],
+                        "num_target_tokens": [5] * len(s.branches)} for s in chunk]
+        else:
+            results = [{"outputs": ["x"] * len(s.branches), "finish_reasons": ["length"] * len(s.branches),
+                        "num_generated_tokens": [1] * len(s.branches)} for s in chunk]
+        writer.append((s.index, k, r) for s, k, r in zip(chunk, keys, results))
 """
 
 
@@ -152,14 +168,18 @@ def main() -> None:
     ap.add_argument("--merge_only", action="store_true", help="every sample resumed from a part file: no decoding")
     ap.add_argument("--max_samples", type=int, default=0,
                     help="pmaccel --max_samples: every row is read and tokenized, only this many samples run")
+    ap.add_argument("--job", choices=("infer", "score"), default="infer",
+                    help="score: rows with a target per branch, run as `pmaccel score` (its dataset totals included)")
     ap.add_argument("--tokenizer", default=None,
                     help="a tokenizer directory for the model (default: the embedded SmolLM2 model's)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows, model, out = work / f"rows{args.rows}.jsonl", work / "model", work / "out.jsonl"
+    scoring = args.job == "score"
+    rows = work / f"rows{args.rows}{'_score' if scoring else ''}.jsonl"
+    model, out = work / "model", work / "out.jsonl"
     if not rows.exists():
-        write_rows(rows, args.rows)
+        write_rows(rows, args.rows, targets=scoring)
     if not model.exists():
         write_model(model, args.tokenizer)
     if args.prepare:
@@ -168,8 +188,9 @@ def main() -> None:
         return
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(HERE.parent / "accelerate_configs" / "cpu_2proc.yaml"), "--num_processes", str(args.procs),
-           "-m", "pmaccel", "--base_model", str(model), "--data_path", str(rows), "--out_path", str(out),
-           "--max_new_tokens", "1", "--device", "cpu", "--num_workers", str(args.num_workers)]
+           "-m", "pmaccel", *(["score"] if scoring else []), "--base_model", str(model), "--data_path", str(rows),
+           "--out_path", str(out), "--device", "cpu", "--num_workers", str(args.num_workers)]
+    cmd += [] if scoring else ["--max_new_tokens", "1"]
     cmd += ["--resume"] if args.merge_only else ["--no_resume"]
     cmd += ["--max_samples", str(args.max_samples)] if args.max_samples else []
     # a CPU benchmark: on a GPU machine the GPUs are hidden (4 launched ranks on a 1-GPU machine fail otherwise)
@@ -184,15 +205,15 @@ def main() -> None:
             parts_cache = work / "hf-datasets-cache-parts"
             shutil.rmtree(parts_cache, ignore_errors=True)
             parts_env["HF_DATASETS_CACHE"] = str(parts_cache)
-        subprocess.run([sys.executable, "-c", DUMMY_PARTS, str(rows), str(model), str(out), str(args.num_workers)],
-                       env=parts_env, check=True)
+        subprocess.run([sys.executable, "-c", DUMMY_PARTS, str(rows), str(model), str(out), str(args.num_workers),
+                        args.job], env=parts_env, check=True)
     t = time.perf_counter()
     with open(work / "run.log", "w") as log:  # the progress bars and warnings
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=log)
     wall = time.perf_counter() - t
     phases = json.loads(Path(f"{out}.summary.json").read_text())["phases"]
-    print(f"{args.rows} rows ({rows.stat().st_size / 1e6:.0f} MB), {args.procs} processes, --num_workers "
-          f"{args.num_workers}, {os.cpu_count()} CPU cores, {wall:.1f} s in all")
+    print(f"{args.rows} rows ({rows.stat().st_size / 1e6:.0f} MB), pmaccel {args.job}, {args.procs} processes, "
+          f"--num_workers {args.num_workers}, {os.cpu_count()} CPU cores, {wall:.1f} s in all")
     print("| rank | before the first forward s | read | load | tokenize | shard | run | gather | write "
           "| peak RSS GB before the first forward | of which own / mapped files then | peak RSS GB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
