@@ -211,6 +211,17 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
         own_process = spares_cuda(settings)
     if own_process:
         return _run_in_child(settings, job)
+    from pmaccel import warmup
+
+    side = warmup.start(settings)  # a machine's first run, where no caller started it (the CLI does, earlier)
+    try:
+        return _run_here(settings, job)
+    finally:
+        warmup.stop(side)  # a run that ended early
+
+
+def _run_here(settings: Settings, job: Job) -> Records | None:
+    """``run_job`` in this process: an input error on a launcher's forked rank is one line and exit status 2."""
     from accelerate.state import AcceleratorState, PartialState
 
     ours = not PartialState._shared_state  # this call creates accelerate's process state

@@ -4,8 +4,8 @@ With the batch-invariant kernels (CUDA and Triton), a machine's first run compil
 variants (``pmaccel.invariant.compile_ahead``: a few seconds on many cores). The run can start them only
 once its weights are loaded, after Python has imported torch, accelerate, datasets and transformers, and
 threads of the same process gain little during those imports (they wait for Python's lock). So the CLI
-starts this module as a side process before its own imports (and ``run_job`` before a run in a process of
-its own)::
+starts this module as a side process before its own imports, and ``run_job`` where no caller did (a script's
+or a launched rank's ``infer()``, a run in a process of its own)::
 
     python -m pmaccel.warmup --model DIR --dtype auto --device cuda
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 WAIT_S = 180.0  # the longest a run waits for the side process before it compiles on its own
 POLL_S = 0.05
 ROOM_BYTES = 4 << 30  # free device memory the side process leaves beyond the run's weights
+STARTED_ENV = "PMACCEL_WARMUP_PID"  # the side process a run started, for the processes the run starts
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def start(settings: Any) -> subprocess.Popen | None:
         >>> ...  # the run imports and loads meanwhile; its compile_ahead waits for the side process
         >>> stop(side)  # doctest: +SKIP
     """
-    if os.environ.get("LOCAL_RANK", "0") != "0" or not _gpu_node() or sys.platform == "win32":
+    if os.environ.get("LOCAL_RANK", "0") != "0" or not _gpu_node() or sys.platform == "win32" or _started_above():
         return None
     try:
         p = plan(settings)
@@ -127,11 +128,22 @@ def start(settings: Any) -> subprocess.Popen | None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}  # this pmaccel
     try:
         p.lock.parent.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(
+        side = subprocess.Popen(
             [sys.executable, "-m", "pmaccel.warmup", "--model", str(p.model), "--dtype", p.dtype, "--device", p.device],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:  # a read-only cache, no interpreter to start: the run compiles on its own, as without this
         return None
+    os.environ[STARTED_ENV] = str(side.pid)  # the run's own processes (a child, launched ranks) start no other
+    return side
+
+
+def _started_above() -> bool:
+    """Whether this process or one above it started a side process that still runs (``STARTED_ENV``)."""
+    try:
+        os.kill(int(os.environ[STARTED_ENV]), 0)
+    except (KeyError, ValueError, OSError):
+        return False
+    return True
 
 
 def stop(process: subprocess.Popen | None) -> None:

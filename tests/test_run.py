@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers_infer import MIXED_ROWS, launch, write_jsonl
 
 from pmaccel import output
+from pmaccel.errors import PMAccelError
 from pmaccel.run import Job, run_job, run_settings
 
 
@@ -58,9 +60,6 @@ def test_one_record_per_row_in_input_order_at_any_process_count(tiny, tmp_path):
 def test_a_run_in_its_own_process_gives_the_same_records_and_errors(tiny, tmp_path):
     """``run_job(own_process=True)``: what a GPU machine's in-process ``infer()`` does to keep CUDA out of the
     caller (``spares_cuda``); the records, the file and a bad input's error are those of a run in this process."""
-    import pytest
-
-    from pmaccel.errors import PMAccelError
     from pmaccel.inference import GenerateJob
 
     data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS)
@@ -95,6 +94,27 @@ def test_a_run_in_its_own_process_has_the_kernels_compiled_beside_it(tiny, tmp_p
     run_job(run_settings(None, dict(base_model=str(tiny), data_path=str(data), out_path=str(tmp_path / "o.jsonl"),
                                     max_new_tokens=2)), GenerateJob(), own_process=True)
     assert events == [("start", str(tiny)), ("stop", "side", True)]
+
+
+def test_a_run_in_this_process_has_the_kernels_compiled_beside_it(tiny, tmp_path, monkeypatch):
+    """A script's (or a launched rank's) ``infer()``: ``run_job`` starts the side process where no caller did, and
+    ends it with the run, also when the run ends on an input error."""
+    from pmaccel import warmup
+    from pmaccel.inference import GenerateJob
+
+    events = []
+    monkeypatch.setattr(warmup, "start", lambda settings: events.append(("start", settings.base_model)) or "side")
+    monkeypatch.setattr(warmup, "stop", lambda side: events.append(("stop", side, (tmp_path / "o.jsonl").exists())))
+    data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS[:2])
+    common = dict(base_model=str(tiny), out_path=str(tmp_path / "o.jsonl"), max_new_tokens=2)
+    run_job(run_settings(None, dict(data_path=str(data), **common)), GenerateJob(), own_process=False)
+    assert events == [("start", str(tiny)), ("stop", "side", True)]
+    (tmp_path / "o.jsonl").unlink()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 5}\n')
+    with pytest.raises(PMAccelError):
+        run_job(run_settings(None, dict(data_path=str(bad), **common)), GenerateJob(), own_process=False)
+    assert events[2:] == [("start", str(tiny)), ("stop", "side", False)]
 
 
 def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):

@@ -24,6 +24,7 @@ def caches(tmp_path, monkeypatch):
     """Empty pmaccel and Triton caches for the test."""
     monkeypatch.setenv("PMACCEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.delenv(warmup.STARTED_ENV, raising=False)  # and none started above this process
     return tmp_path
 
 
@@ -59,6 +60,8 @@ def test_the_side_process_starts_only_where_it_can_help(tiny, caches, monkeypatc
     started = []
 
     class FakePopen:
+        pid = 2**30  # no such process: it ended at once
+
         def __init__(self, cmd, env, **kwargs):
             started.append(cmd)
             assert env["PYTHONPATH"].split(os.pathsep) == [path for path in sys.path if path]  # this pmaccel
@@ -80,6 +83,32 @@ def test_the_side_process_starts_only_where_it_can_help(tiny, caches, monkeypatc
     monkeypatch.setattr(warmup, "_gpu_node", lambda: False)
     assert warmup.start(_settings(tiny, dtype="fp16")) is None
     assert len(started) == 2
+
+
+def test_the_processes_of_a_run_whose_side_process_runs_start_no_other(tiny, caches, monkeypatch):
+    """The CLI starts the side process before its run imports; the run's ``run_job``, a child process for the run
+    and the ranks it launches get its pid in ``STARTED_ENV`` and start none while it runs."""
+    started = []
+
+    class FakePopen:
+        pid = os.getpid()  # a process that runs
+
+        def __init__(self, cmd, env, **kwargs):
+            started.append(cmd)
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(warmup, "_gpu_node", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert warmup.start(_settings(tiny)) is not None and os.environ[warmup.STARTED_ENV] == str(os.getpid())
+    assert warmup.start(_settings(tiny)) is None and len(started) == 1
+    child = real_popen([sys.executable, "-c", "import sys; from pmaccel import warmup; sys.exit(warmup._started_above())"],
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.wait() == 1, "a child process sees it"
+    ended = real_popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    monkeypatch.setenv(warmup.STARTED_ENV, str(ended.pid))  # the side process has ended: a later run may start one
+    assert warmup.start(_settings(tiny)) is not None and len(started) == 2
 
 
 def test_a_gpu_node_is_a_numbered_nvidia_device_or_amd_kfd_not_hidden(monkeypatch):
