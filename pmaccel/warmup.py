@@ -22,7 +22,8 @@ installation and Triton's cache directory. With the stamp there, or no GPU devic
 local rank than the first, nothing starts. A lock on the stamp's ``.lock`` file is held while it compiles;
 every rank of the machine waits for it (``wait``) before compiling its own.
 
-This module imports only the standard library until the side process needs more.
+This module imports only the standard library until the side process needs more (and ``huggingface_hub``
+to find a hub id's snapshot in the local cache).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class Plan:
 
 def plan(settings: Any) -> Plan | None:
     """The compile-ahead plan of a run's settings; ``None`` where it does not apply: the CPU, the kernels
-    turned off (``deterministic`` false), or a model that is no local directory with a ``config.json`` (an
-    embedded model not converted yet, a GGUF file, a hub id).
+    turned off (``deterministic`` false), or a model whose ``config.json`` is not on this machine (an embedded
+    model not converted yet, a GGUF file, a hub id not in the local hub cache).
 
     Args:
         settings: the run's ``pmaccel.settings.Settings``.
@@ -275,7 +276,21 @@ def _model_dir(base_model: str | None) -> Path | None:
         path = cache_root() / EMBEDDED_MODEL_NAME
     else:
         path = Path(base_model).expanduser()
+        if not path.exists():
+            path = _cached_snapshot(base_model) or path
     return path if (path / "config.json").is_file() else None
+
+
+def _cached_snapshot(model_id: str) -> Path | None:
+    """The directory of ``model_id``'s snapshot in the local hub cache (the one transformers loads offline), found
+    without the network; ``None`` where its ``config.json`` is not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # noqa: BLE001  (no model id, say a path that does not exist: the run reports that)
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def _triton_cache_dir() -> Path:

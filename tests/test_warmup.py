@@ -44,6 +44,25 @@ def test_the_plan_is_keyed_by_what_the_kernels_depend_on(tiny, caches, monkeypat
     assert warmup.plan(_settings(tiny / "model.gguf")) is None
 
 
+def test_a_hub_id_in_the_local_cache_is_planned_from_its_snapshot(tiny, caches, monkeypatch):
+    """A hub id whose files are cached (what transformers loads offline) gets the side process, built from the
+    snapshot's ``config.json``; one not cached, or no id at all, gets none."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    hub = caches / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny, snapshot)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    p = warmup.plan(_settings("org/tiny"))
+    assert p is not None and p.model == snapshot and p.stamp == warmup.plan(_settings(tiny)).stamp
+    assert warmup.plan(_settings("org/other")) is None
+    assert warmup.plan(_settings("no/such/dir/x")) is None
+
+
 def test_another_config_is_another_stamp(tiny, caches, tmp_path):
     import shutil
 
