@@ -266,13 +266,19 @@ BAD_ROW_UNDER_LAUNCHERS = textwrap.dedent("""
 """)
 
 
-def test_a_bad_row_under_notebook_launcher_is_one_line_and_exit_status_2(tiny, tmp_path):
+def launcher_script(script: str, tiny, rows: str, tmp_path) -> tuple[subprocess.CompletedProcess, Path, list[str]]:
+    """``script`` (launching ``infer`` over ``rows``) in a fresh process: it, the data file, and its error lines."""
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
+    data.write_text(rows)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", BAD_ROW_UNDER_LAUNCHERS, str(tiny), str(data),
-                           str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny), str(data), str(tmp_path / "out.jsonl")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc, data, [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+
+
+def test_a_bad_row_under_notebook_launcher_is_one_line_and_exit_status_2(tiny, tmp_path):
+    proc, data, errors = launcher_script(BAD_ROW_UNDER_LAUNCHERS, tiny, '{"text": "the cat"}\n{"text": "a dog"\n',
+                                         tmp_path)
     assert errors == [f"pmaccel: error: {data}:2: malformed JSON: Expecting ',' delimiter at column 17"] * 2, proc.stderr
     assert proc.stdout.splitlines()[-2:] == ["launcher raised ChildFailedError, status 2",
                                              "launcher raised ProcessExitedException, status 2"], proc.stdout
@@ -300,12 +306,8 @@ EVERY_RANK_MEETS_A_BAD_ROW = textwrap.dedent("""
 def test_under_debug_launcher_only_rank_0_says_the_error(tiny, tmp_path):
     # debug_launcher sets no RANK (Accelerate sets it to 0 in both processes); here no rank ends before the
     # other has met the error, so a second line would show
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "the cat"}\n{"text": 5}\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", EVERY_RANK_MEETS_A_BAD_ROW, str(tiny), str(data),
-                           str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]
+    proc, data, errors = launcher_script(EVERY_RANK_MEETS_A_BAD_ROW, tiny, '{"text": "the cat"}\n{"text": 5}\n',
+                                         tmp_path)
     assert len(errors) == 1 and errors[0].startswith(f"pmaccel: error: {data}:2: text"), proc.stderr
     assert sorted(proc.stdout.split("\n")[-3:-1]) == ["rank 0 exit 2", "rank 1 exit 2"], proc.stdout
     assert not any(tmp_path.glob("out.jsonl*")), "nothing written"
