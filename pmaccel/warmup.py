@@ -148,8 +148,11 @@ def _started_above() -> bool:
 
 
 def stop(process: subprocess.Popen | None) -> None:
-    """End the side process if it still runs (the run ended early, on a bad input or an interrupt)."""
-    if process is not None and process.poll() is None:
+    """End the side process if it still runs (the run ended early, on a bad input or an interrupt), and take its
+    pid out of the environment (a notebook's later runs find no trace of it)."""
+    if process is None:
+        return
+    if process.poll() is None:
         import subprocess
 
         process.terminate()
@@ -157,6 +160,8 @@ def stop(process: subprocess.Popen | None) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+    if os.environ.get(STARTED_ENV) == str(process.pid):
+        del os.environ[STARTED_ENV]
 
 
 def wait(settings: Any, timeout: float = WAIT_S) -> None:

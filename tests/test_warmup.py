@@ -161,9 +161,12 @@ def test_the_side_process_a_run_starts_ends_by_itself_and_stamps_its_outcome(tin
     monkeypatch.setattr(warmup, "_gpu_node", lambda: True)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     side = warmup.start(_settings(tiny))
-    assert side is not None and side.wait(timeout=300) == 0
+    assert side is not None and os.environ[warmup.STARTED_ENV] == str(side.pid)
+    assert side.wait(timeout=300) == 0
     assert warmup.plan(_settings(tiny)).stamp.read_text().splitlines()[1].startswith("not compiled: no CUDA")
     assert warmup.start(_settings(tiny)) is None
+    warmup.stop(side)
+    assert warmup.STARTED_ENV not in os.environ, "the run leaves no trace of it"
 
 
 def test_a_model_that_cannot_be_built_is_stamped_and_not_tried_again(tiny, caches, monkeypatch):
