@@ -213,11 +213,21 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
         return _run_in_child(settings, job)
     from pmaccel import warmup
 
-    side = warmup.start(settings)  # a machine's first run, where no caller started it (the CLI does, earlier)
+    # a machine's first run, where no caller started it (the CLI does, earlier), and only while this process has its
+    # imports ahead of it
+    side = warmup.start(settings) if _imports_ahead() else None
     try:
         return _run_here(settings, job)
     finally:
         warmup.stop(side)  # a run that ended early
+
+
+def _imports_ahead() -> bool:
+    """Whether this process has still to import transformers (seconds of a run's start-up). Only then does a side
+    process gain time: it imports them and compiles the kernels meanwhile. A process that has imported them already
+    (a script or notebook that loaded a model before) reaches ``compile_ahead`` within seconds of loading the
+    weights and compiles sooner in its own threads than a side process that has those imports still to do."""
+    return "transformers" not in sys.modules
 
 
 def _run_here(settings: Settings, job: Job) -> Records | None:

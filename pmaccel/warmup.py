@@ -4,8 +4,9 @@ With the batch-invariant kernels (CUDA and Triton), a machine's first run compil
 variants (``pmaccel.invariant.compile_ahead``: a few seconds on many cores). The run can start them only
 once its weights are loaded, after Python has imported torch, accelerate, datasets and transformers, and
 threads of the same process gain little during those imports (they wait for Python's lock). So the CLI
-starts this module as a side process before its own imports, and ``run_job`` where no caller did (a script's
-or a launched rank's ``infer()``, a run in a process of its own)::
+starts this module as a side process before its own imports, and ``run_job`` where no caller did and the
+process has yet to import transformers (a script's or a launched rank's first ``infer()``, a run in a process
+of its own)::
 
     python -m pmaccel.warmup --model DIR --dtype auto --device cuda
 

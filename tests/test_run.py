@@ -4,6 +4,9 @@ input order, whatever order the job finishes its samples in and however many pro
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from helpers_infer import MIXED_ROWS, launch, write_jsonl
@@ -97,11 +100,13 @@ def test_a_run_in_its_own_process_has_the_kernels_compiled_beside_it(tiny, tmp_p
 
 
 def test_a_run_in_this_process_has_the_kernels_compiled_beside_it(tiny, tmp_path, monkeypatch):
-    """A script's (or a launched rank's) ``infer()``: ``run_job`` starts the side process where no caller did, and
-    ends it with the run, also when the run ends on an input error."""
-    from pmaccel import warmup
+    """A script's (or a launched rank's) ``infer()`` with its imports ahead of it: ``run_job`` starts the side
+    process where no caller did, and ends it with the run, also when the run ends on an input error. A process
+    that has imported transformers already compiles in its own threads and starts none."""
+    from pmaccel import run, warmup
     from pmaccel.inference import GenerateJob
 
+    monkeypatch.setattr(run, "_imports_ahead", lambda: True)  # this test process has imported transformers
     events = []
     monkeypatch.setattr(warmup, "start", lambda settings: events.append(("start", settings.base_model)) or "side")
     monkeypatch.setattr(warmup, "stop", lambda side: events.append(("stop", side, (tmp_path / "o.jsonl").exists())))
@@ -115,6 +120,18 @@ def test_a_run_in_this_process_has_the_kernels_compiled_beside_it(tiny, tmp_path
     with pytest.raises(PMAccelError):
         run_job(run_settings(None, dict(data_path=str(bad), **common)), GenerateJob(), own_process=False)
     assert events[2:] == [("start", str(tiny)), ("stop", "side", False)]
+    monkeypatch.setattr(run, "_imports_ahead", lambda: False)
+    run_job(run_settings(None, dict(data_path=str(data), **common)), GenerateJob(), own_process=False)
+    assert events[4:] == [("stop", None, True)]
+
+
+def test_imports_are_ahead_of_a_process_until_it_imports_transformers():
+    """What ``run_job`` asks before it starts a side process, in a fresh process: pmaccel's public API imports no
+    transformers, a script's own import of it does."""
+    code = ("import sys; from pmaccel import infer, score; from pmaccel import run; a = run._imports_ahead(); "
+            "import transformers; sys.exit(10 * a + run._imports_ahead())")
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 10
 
 
 def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
