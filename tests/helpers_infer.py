@@ -83,6 +83,12 @@ def launch(fn, num_processes, **kwargs):
     accelerate's ``debug_launcher`` (gloo)."""
     if num_processes == 1:
         return fn(**kwargs)
+    import pytest
+    import torch
+
+    if torch.cuda.is_initialized():  # a GPU test ran before, in this process
+        # a forked rank cannot use CUDA, and torch's gloo barrier (accelerate's wait_for_everyone) does
+        pytest.skip("debug_launcher forks this process, which has started CUDA")
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState, PartialState
 

@@ -210,7 +210,9 @@ IN_PROCESS_THEN_LAUNCHED = textwrap.dedent("""
 
 
 def test_an_in_process_run_then_launched_runs_in_one_python_process(tiny, mixed, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the CPU on any machine: debug_launcher's ranks are forked, and cannot use CUDA once the first call started it
+    # (on a GPU, the test below)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", IN_PROCESS_THEN_LAUNCHED, str(tiny), str(mixed), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
