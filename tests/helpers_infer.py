@@ -4,7 +4,17 @@ saved like any Hugging Face model directory, and small input files."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_path(*more: str | os.PathLike[str]) -> str:
+    """The ``PYTHONPATH`` of a test's subprocess: this checkout (then ``more``) ahead of the caller's own entries
+    (where a developer's environment finds its packages)."""
+    own = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return os.pathsep.join([str(REPO), *map(str, more), *own])
 
 WORDS = (
     "the a an of to and in is was it that for on with as by at from this be are or his her they we you "

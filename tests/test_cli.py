@@ -3,7 +3,6 @@ SIGKILL and resumed, and the console script / ``python -m`` on the shipped examp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import helpers_infer
 import huggingface_hub
 import pytest
-from helpers_infer import MIXED_ROWS, read_jsonl, write_jsonl
+from helpers_infer import MIXED_ROWS, read_jsonl, repo_path, write_jsonl
 
 import pmaccel.model
 from pmaccel.cli import main
@@ -25,8 +24,7 @@ from pmaccel.inference import infer
 from pmaccel.rows import example_path
 from pmaccel.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": repo_path(), "OMP_NUM_THREADS": "1"}
 
 
 def console_script() -> str:
@@ -347,6 +345,7 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
     import py_compile
 
     source = str(package / "__init__.py")
-    py_compile.compile(source, cfile=importlib.util.cache_from_source(source))
+    # next to the source whatever this process's own prefix (cache_from_source would follow it)
+    py_compile.compile(source, cfile=str(package / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"))
     proc = _bytecode_probe(tmp_path, env)  # bytecode next to the sources: nothing changes
     assert proc.stdout.split() == ["None", "True"]

@@ -15,13 +15,10 @@ import helpers_infer
 import numpy as np
 import pytest
 import torch
-from helpers_infer import MIXED_ROWS, log_collectives, rank, write_jsonl
+from helpers_infer import MIXED_ROWS, REPO, log_collectives, rank, repo_path, write_jsonl
 
 from pmaccel import distribute, output
 from pmaccel.inference import infer
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ----------------------------------------------------------------------------- the batch loop
 
@@ -141,8 +138,9 @@ def test_flat_grouping_does_not_depend_on_the_process_count(tiny, tmp_path):
 
 
 def accelerate_launch_2proc(port: int, *flags: str) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m pmaccel <flags>``, as a user types it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """``accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m pmaccel <flags>``, as a user types it on
+    a machine without a GPU (the one this config is for: its GPUs are hidden here)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_path(), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port), "-m", "pmaccel",
@@ -154,7 +152,7 @@ def test_accelerate_launch_with_the_cpu_config(tiny, mixed, tmp_path):
     flags = ["--base_model", str(tiny), "--data_path", str(mixed), "--branches_per_sample", "2",
              "--max_new_tokens", "8", "--batch_size", "2"]
     infer(out_path=str(tmp_path / "one.jsonl"), base_model=str(tiny), data_path=str(mixed), branches_per_sample=2,
-          max_new_tokens=8, batch_size=2)
+          max_new_tokens=8, batch_size=2, device="cpu")
     proc = accelerate_launch_2proc(29517, *flags, "--out_path", str(tmp_path / "two.jsonl"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pmaccel: 10 rows") == 1, "one summary, from the main process"
@@ -165,7 +163,7 @@ def test_accelerate_launch_resumes_what_one_process_left(tiny, mixed, tmp_path, 
     """Part files of an interrupted one-process run, resumed by two ranks (which split the resume checks)."""
     import pmaccel.decode
 
-    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=8)
+    common = dict(base_model=str(tiny), data_path=str(mixed), branches_per_sample=2, max_new_tokens=8, device="cpu")
     infer(out_path=str(tmp_path / "one.jsonl"), **common)
     real = pmaccel.decode.decode_stream
 
@@ -212,7 +210,7 @@ IN_PROCESS_THEN_LAUNCHED = textwrap.dedent("""
 def test_an_in_process_run_then_launched_runs_in_one_python_process(tiny, mixed, tmp_path):
     # the CPU on any machine: debug_launcher's ranks are forked, and cannot use CUDA once the first call started it
     # (on a GPU, the test below)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": repo_path(), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", IN_PROCESS_THEN_LAUNCHED, str(tiny), str(mixed), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -241,7 +239,7 @@ IN_PROCESS_THEN_LAUNCHED_GPU = textwrap.dedent("""
 def test_an_in_process_gpu_run_then_notebook_launcher_on_the_gpus(tiny, mixed, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs or more")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": repo_path()}
     # `python -i`: an interactive session, as a notebook's kernel is (a script runs in its own process)
     proc = subprocess.run([sys.executable, "-i", "-c", IN_PROCESS_THEN_LAUNCHED_GPU, str(tiny), str(mixed),
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=400,
@@ -272,7 +270,7 @@ def launcher_script(script: str, tiny, rows: str, tmp_path) -> tuple[subprocess.
     """``script`` (launching ``infer`` over ``rows``) in a fresh process: it, the data file, and its error lines."""
     data = tmp_path / "bad.jsonl"
     data.write_text(rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_path()}
     proc = subprocess.run([sys.executable, "-c", script, str(tiny), str(data), str(tmp_path / "out.jsonl")], env=env,
                           capture_output=True, text=True, timeout=300)
     return proc, data, [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]

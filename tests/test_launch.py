@@ -8,9 +8,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers_infer import REPO, repo_path
 
 from pmaccel import cli, launch
 from pmaccel.errors import PMAccelError
@@ -18,12 +18,10 @@ from pmaccel.inference import GenerateJob, infer
 from pmaccel.run import LAUNCHED_ENV
 from pmaccel.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def cli_env(**extra: str) -> dict[str, str]:
     """This environment without a launcher's variables, importing this checkout, one thread a process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_path(), **extra}
     for name in LAUNCHED_ENV:
         env.pop(name, None)
     return env
@@ -35,7 +33,7 @@ def unlaunched(monkeypatch):
     for name in LAUNCHED_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the started processes import this checkout
+    monkeypatch.setenv("PYTHONPATH", repo_path())  # the started processes import this checkout
 
 
 def pmaccel_cli(*flags: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -113,7 +111,7 @@ class SecondRankFails(GenerateJob):
 
 
 def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, tmp_path, monkeypatch, unlaunched):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))  # the job's module
+    monkeypatch.setenv("PYTHONPATH", repo_path(REPO / "tests"))  # the job's module
     settings = Settings(base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
                         max_new_tokens=2, device="cpu", num_processes=2)
     with pytest.raises(PMAccelError, match="only the second process meets this"):

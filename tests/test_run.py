@@ -136,6 +136,7 @@ def test_imports_are_ahead_of_a_process_until_it_imports_transformers():
 
 def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_its_run_to_a_child(monkeypatch):
     import torch
+    from accelerate.state import PartialState
 
     from pmaccel import run
     from pmaccel.run import LAUNCHED_ENV, spares_cuda
@@ -143,6 +144,7 @@ def test_only_an_interactive_unlaunched_process_that_has_not_started_cuda_hands_
 
     for name in LAUNCHED_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # no Accelerate program around (an earlier test's state)
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     gpus, started = [2], [False]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus[0])
