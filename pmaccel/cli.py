@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run pmaccel with command-line flags (``pmaccel --help`` lists them).
 
     Args:
-        argv: the flags; default ``sys.argv[1:]``.
+        argv: the flags; default ``sys.argv[1:]``: then this process runs the command, and a run on the CPU
+            (``--device cpu``) hides the GPUs from it.
 
     Returns:
         The exit status: 0 on success, 2 on a bad input or setting (argparse's own errors exit 2 too).
@@ -72,6 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from pmaccel import warmup
     from pmaccel.settings import parse_settings
 
+    command = argv is None  # this process runs the command (the console script, `python -m pmaccel`, a launch)
     argv = list(sys.argv[1:] if argv is None else argv)
     scoring = argv[:1] == ["score"]
     side = None
@@ -80,9 +82,12 @@ def _main(argv: Sequence[str] | None) -> int:
             settings = parse_settings(argv[1:], prog="pmaccel score", description=SCORE_DESCRIPTION)
         else:
             settings = parse_settings(argv)
+        from pmaccel.run import keep_off_gpus, run_job
+
+        if command:  # not in a caller's process: its GPUs stay its own
+            keep_off_gpus(settings)
         # a machine's first run: its kernels compile in a side process while this one imports and loads
         side = warmup.start(settings)
-        from pmaccel.run import run_job
 
         if scoring:
             from pmaccel.scoring import ScoreJob

@@ -498,6 +498,16 @@ class _Phases:
         return self.phases[name]
 
 
+def keep_off_gpus(settings: Settings) -> None:
+    """In a process that ends with the run (the command's, a rank pmaccel's launcher started), before anything starts
+    CUDA: a run on the CPU gets no GPU to see (``CUDA_VISIBLE_DEVICES`` empty). Otherwise torch's gloo barrier, which
+    accelerate's ``wait_for_everyone`` calls with the rank's device id, starts CUDA on GPU <local rank> of a machine
+    that has one: a context per process on GPUs the run does not use, and an error where there are fewer GPUs than
+    processes. Never in a caller's process: CUDA counts its devices once, so they would stay hidden from it."""
+    if settings.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _make_accelerator(settings: Settings) -> Any:
     """The run's ``Accelerator``; on the CPU when asked to or when there is no GPU (gloo between
     processes, so ``torchrun``/``accelerate launch`` of several processes also works on a CPU box)."""

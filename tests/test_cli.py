@@ -290,6 +290,34 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
         assert 0 < anon and 0 < files and anon + files <= phases["peak_rss_before_run_gb"] + 0.002
 
 
+GPUS_SEEN = textwrap.dedent("""
+    import os, sys
+    from pmaccel import cli
+    flags = ["--device", sys.argv[1], "--data_path", sys.argv[2]]
+    if sys.argv[3] == "command":
+        sys.argv[1:] = flags
+        status = cli.main()
+    else:
+        status = cli.main(flags)
+    print(repr(os.environ.get("CUDA_VISIBLE_DEVICES")), status)
+""")
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_the_command_hides_the_gpus_from_a_cpu_run_and_a_callers_process_keeps_them(tmp_path, device):
+    """``pmaccel --device cpu``: the command's process is shown no GPU before the run starts (torch's gloo barrier
+    would start CUDA on GPU <rank>). ``main(flags)`` called from a program leaves that program's GPUs alone."""
+    missing = str(tmp_path / "missing.jsonl")  # the run ends at once, on its input error
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "0"}
+    seen = {}
+    for how in ("command", "call"):
+        proc = subprocess.run([sys.executable, "-c", GPUS_SEEN, device, missing, how], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert "missing.jsonl" in proc.stderr, proc.stderr
+        seen[how] = proc.stdout.split()
+    assert seen == {"command": ["''" if device == "cpu" else "'0'", "2"], "call": ["'0'", "2"]}
+
+
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
                     ) -> subprocess.CompletedProcess:
     """A child that runs the CLI's bytecode set-up with a package of ``tmp_path/src`` as the probe (after

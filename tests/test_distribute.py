@@ -270,7 +270,8 @@ def launcher_script(script: str, tiny, rows: str, tmp_path) -> tuple[subprocess.
     """``script`` (launching ``infer`` over ``rows``) in a fresh process: it, the data file, and its error lines."""
     data = tmp_path / "bad.jsonl"
     data.write_text(rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_path()}
+    # a machine without a GPU: notebook_launcher starts one process per GPU where there are GPUs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_path(), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", script, str(tiny), str(data), str(tmp_path / "out.jsonl")], env=env,
                           capture_output=True, text=True, timeout=300)
     return proc, data, [line for line in proc.stderr.splitlines() if "pmaccel: error:" in line]

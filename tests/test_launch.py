@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers_infer import REPO, repo_path
@@ -117,6 +118,31 @@ def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, t
     with pytest.raises(PMAccelError, match="only the second process meets this"):
         launch.run_processes(settings, SecondRankFails())
     assert not (tmp_path / "out.jsonl").exists()
+
+
+class GpusSeen(GenerateJob):
+    """A job that notes the GPUs its process is shown (``CUDA_VISIBLE_DEVICES``), then stops on an input error."""
+
+    def check(self, settings):
+        Path(os.environ["GPUS_SEEN_DIR"], os.environ.get("RANK", "0")).write_text(
+            repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        raise PMAccelError("seen", field="device")
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_started_processes_of_a_cpu_run_see_no_gpu(tiny, mixed, tmp_path, monkeypatch, unlaunched, device):
+    """A run on the CPU: the processes pmaccel starts are shown no GPU (torch's gloo barrier would start CUDA on
+    GPU <rank>); the caller keeps its own. A run on the GPUs: they see the caller's."""
+    monkeypatch.setenv("PYTHONPATH", repo_path(REPO / "tests"))  # the job's module
+    monkeypatch.setenv("GPUS_SEEN_DIR", str(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    settings = Settings(base_model=str(tiny), data_path=str(mixed), out_path=str(tmp_path / "out.jsonl"),
+                        device=device, num_processes=2)
+    with pytest.raises(PMAccelError, match="seen"):
+        launch.run_processes(settings, GpusSeen())
+    expected = "''" if device == "cpu" else "'0'"
+    assert sorted(p.read_text() for p in tmp_path.glob("[01]")) == [expected, expected]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 @pytest.mark.parametrize("processes", [1, 2])
