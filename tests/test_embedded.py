@@ -169,6 +169,16 @@ def test_second_call_does_not_reconvert(converted, monkeypatch):
 # cheap tests with a fake converter
 
 
+@pytest.fixture
+def fake_gguf(tmp_path_factory, monkeypatch):
+    """A small stand-in for the packaged GGUF file (outside the test's cache directory): the cache's logic, not
+    the package, is under test."""
+    source = tmp_path_factory.mktemp("package") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    source.write_bytes(b"GGUF" + bytes(64))
+    monkeypatch.setattr(embedded, "gguf_path", lambda: source)
+    return source
+
+
 def _fake_converter(calls, delay=0.0):
     def fake(source, out):
         calls.append(out)
@@ -179,7 +189,7 @@ def _fake_converter(calls, delay=0.0):
     return fake
 
 
-def test_corrupted_cache_is_reconverted(tmp_path, monkeypatch, caplog):
+def test_corrupted_cache_is_reconverted(tmp_path, monkeypatch, fake_gguf, caplog):
     target = tmp_path / EMBEDDED_MODEL_NAME
     target.mkdir()
     (target / "config.json").write_text("{}")
@@ -198,7 +208,7 @@ def test_corrupted_cache_is_reconverted(tmp_path, monkeypatch, caplog):
     assert len(calls) == 1
 
 
-def test_outdated_marker_is_reconverted(tmp_path, monkeypatch):
+def test_outdated_marker_is_reconverted(tmp_path, monkeypatch, fake_gguf):
     calls = []
     monkeypatch.setattr(embedded, "_convert", _fake_converter(calls))
     target = embedded_model_dir(tmp_path)
@@ -209,7 +219,7 @@ def test_outdated_marker_is_reconverted(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch, fake_gguf):
     def broken(source, out):
         (out / "config.json").write_text("{}")
         raise RuntimeError("disk full")
@@ -220,7 +230,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [f".{EMBEDDED_MODEL_NAME}.lock"]
 
 
-def test_concurrent_callers_convert_once(tmp_path, monkeypatch):
+def test_concurrent_callers_convert_once(tmp_path, monkeypatch, fake_gguf):
     calls = []
     monkeypatch.setattr(embedded, "_convert", _fake_converter(calls, delay=0.3))
     results, errors = [], []
