@@ -121,11 +121,18 @@ def test_an_error_of_another_process_than_the_main_one_comes_back(tiny, mixed, t
 
 
 class GpusSeen(GenerateJob):
-    """A job that notes the GPUs its process is shown (``CUDA_VISIBLE_DEVICES``), then stops on an input error."""
+    """A job that notes the GPUs its process is shown (``CUDA_VISIBLE_DEVICES``), then, once every process has,
+    stops on an input error (the launcher ends the others when one process ends)."""
 
     def check(self, settings):
-        Path(os.environ["GPUS_SEEN_DIR"], os.environ.get("RANK", "0")).write_text(
-            repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        import time
+
+        seen = Path(os.environ["GPUS_SEEN_DIR"])
+        (seen / f"{os.environ.get('RANK', '0')}.tmp").write_text(repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        os.replace(seen / f"{os.environ.get('RANK', '0')}.tmp", seen / os.environ.get("RANK", "0"))
+        deadline = time.monotonic() + 120
+        while len(list(seen.glob("[0-9]"))) < int(os.environ.get("WORLD_SIZE", "1")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         raise PMAccelError("seen", field="device")
 
 
