@@ -32,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run pmaccel with command-line flags (``pmaccel --help`` lists them).
 
     Args:
-        argv: the flags; default ``sys.argv[1:]``: then this process runs the command, and a run on the CPU
-            (``--device cpu``) hides the GPUs from it.
+        argv: the flags; default ``sys.argv[1:]``: then this process runs the command (its bytecode may go
+            to pmaccel's cache, and a run on the CPU, ``--device cpu``, hides the GPUs from it). Given flags
+            leave the calling program's settings as they were.
 
     Returns:
         The exit status: 0 on success, 2 on a bad input or setting (argparse's own errors exit 2 too).
@@ -44,17 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["score", "--data_path", "heldout.jsonl", "--out_path", "scores.jsonl"])  # doctest: +SKIP
         0
     """
-    with startup():
+    with startup(own_process=argv is None):
         return _main(argv)
 
 
 @contextlib.contextmanager
-def startup() -> Iterator[None]:
+def startup(own_process: bool = True) -> Iterator[None]:
     """A process's start-up as a run's own process (the command, or one a launch started): bytecode kept in
-    pmaccel's cache where Python writes none, and no garbage collection while imports, weights and rows
-    load (the run turns the collector on again, with those objects frozen: ``run._collect_from_here``).
-    Afterwards the collector is as it was (a run that ended early, on a bad input)."""
-    _cache_bytecode()
+    pmaccel's cache where Python writes none (not for ``own_process=False``, a caller's process, which keeps
+    its own settings), and no garbage collection while imports, weights and rows load (the run turns the
+    collector on again, with those objects frozen: ``run._collect_from_here``). Afterwards the collector is
+    as it was (a run that ended early, on a bad input)."""
+    if own_process:
+        _cache_bytecode()
     collecting = gc.isenabled()
     # start-up makes long-lived objects, hardly any garbage
     gc.disable()

@@ -293,29 +293,36 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
 GPUS_SEEN = textwrap.dedent("""
     import os, sys
     from pmaccel import cli
+    sys.path.insert(0, sys.argv[4])
+    cli.BYTECODE_PROBES = ("probe_pkg",)  # a package with no bytecode anywhere yet
+    cli.os.cpu_count = lambda: 2  # no side processes to compile the rest
     flags = ["--device", sys.argv[1], "--data_path", sys.argv[2]]
     if sys.argv[3] == "command":
         sys.argv[1:] = flags
         status = cli.main()
     else:
         status = cli.main(flags)
-    print(repr(os.environ.get("CUDA_VISIBLE_DEVICES")), status)
+    print(repr(os.environ.get("CUDA_VISIBLE_DEVICES")), sys.pycache_prefix is not None, status)
 """)
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
-def test_the_command_hides_the_gpus_from_a_cpu_run_and_a_callers_process_keeps_them(tmp_path, device):
+def test_the_command_hides_the_gpus_from_a_cpu_run_and_a_caller_keeps_its_gpus_and_bytecode_setting(tmp_path, device):
     """``pmaccel --device cpu``: the command's process is shown no GPU before the run starts (torch's gloo barrier
-    would start CUDA on GPU <rank>). ``main(flags)`` called from a program leaves that program's GPUs alone."""
+    would start CUDA on GPU <rank>). ``main(flags)`` called from a program leaves that program's GPUs alone, and its
+    bytecode setting (which the command changes where Python writes none, for its own imports)."""
     missing = str(tmp_path / "missing.jsonl")  # the run ends at once, on its input error
-    env = {**ENV, "CUDA_VISIBLE_DEVICES": "0"}
+    (tmp_path / "src" / "probe_pkg").mkdir(parents=True)
+    (tmp_path / "src" / "probe_pkg" / "__init__.py").write_text("")
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "0", "PYTHONDONTWRITEBYTECODE": "1", "PMACCEL_CACHE": str(tmp_path / "c")}
+    env.pop("PYTHONPYCACHEPREFIX", None)
     seen = {}
     for how in ("command", "call"):
-        proc = subprocess.run([sys.executable, "-c", GPUS_SEEN, device, missing, how], env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-c", GPUS_SEEN, device, missing, how, str(tmp_path / "src")], env=env,
+                              capture_output=True, text=True, timeout=120)
         assert "missing.jsonl" in proc.stderr, proc.stderr
         seen[how] = proc.stdout.split()
-    assert seen == {"command": ["''" if device == "cpu" else "'0'", "2"], "call": ["'0'", "2"]}
+    assert seen == {"command": ["''" if device == "cpu" else "'0'", "True", "2"], "call": ["'0'", "False", "2"]}
 
 
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
