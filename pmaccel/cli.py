@@ -52,12 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def startup(own_process: bool = True) -> Iterator[None]:
     """A process's start-up as a run's own process (the command, or one a launch started): bytecode kept in
-    pmaccel's cache where Python writes none (not for ``own_process=False``, a caller's process, which keeps
-    its own settings), and no garbage collection while imports, weights and rows load (the run turns the
-    collector on again, with those objects frozen: ``run._collect_from_here``). Afterwards the collector is
-    as it was (a run that ended early, on a bad input)."""
-    if own_process:
-        _cache_bytecode()
+    pmaccel's cache where Python writes none, and no garbage collection while imports, weights and rows
+    load (the run turns the collector on again, with those objects frozen: ``run._collect_from_here``).
+    Afterwards the collector is as it was (a run that ended early, on a bad input). Nothing for
+    ``own_process=False``: a caller's process keeps its own settings."""
+    if not own_process:
+        yield
+        return
+    _cache_bytecode()
     collecting = gc.isenabled()
     # start-up makes long-lived objects, hardly any garbage
     gc.disable()

@@ -266,17 +266,22 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(pmaccel.run, "_load_model", load)
+    # the command in this process (main() reads sys.argv), whose bytecode setting is restored afterwards
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
     frozen = gc.get_freeze_count()
     data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
     out = tmp_path / "out.jsonl"
     try:
-        assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out),
-                     "--max_new_tokens", "3"]) == 0
+        monkeypatch.setattr(sys, "argv", ["pmaccel", "--base_model", str(tiny), "--data_path", str(data),
+                                          "--out_path", str(out), "--max_new_tokens", "3"])
+        assert main() == 0
         assert seen == {"while loading": False, "forked child": True}
         assert gc.isenabled() and gc.get_freeze_count() > frozen
         gc.unfreeze()
-        assert main(["--base_model", str(tiny), "--data_path", str(tmp_path / "missing.jsonl"),
-                     "--out_path", str(tmp_path / "bad.jsonl")]) == 2
+        monkeypatch.setattr(sys, "argv", ["pmaccel", "--base_model", str(tiny), "--data_path",
+                                          str(tmp_path / "missing.jsonl"), "--out_path", str(tmp_path / "bad.jsonl")])
+        assert main() == 2
         assert gc.isenabled()
     finally:
         gc.unfreeze()
@@ -323,6 +328,17 @@ def test_the_command_hides_the_gpus_from_a_cpu_run_and_a_caller_keeps_its_gpus_a
         assert "missing.jsonl" in proc.stderr, proc.stderr
         seen[how] = proc.stdout.split()
     assert seen == {"command": ["''" if device == "cpu" else "'0'", "True", "2"], "call": ["'0'", "False", "2"]}
+
+
+def test_main_called_from_a_program_leaves_its_collector_alone(tiny, mixed, tmp_path):
+    """The command's own process runs its start-up without the collector and freezes what it loaded
+    (``run._collect_from_here``); ``main(flags)`` in a program changes neither."""
+    import gc
+
+    frozen = gc.get_freeze_count()
+    assert main(["--base_model", str(tiny), "--data_path", str(mixed), "--out_path", str(tmp_path / "o.jsonl"),
+                 "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
 
 
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
