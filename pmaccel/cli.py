@@ -91,8 +91,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
         if command:  # not in a caller's process: its GPUs stay its own
             keep_off_gpus(settings)
-        # a machine's first run: its kernels compile in a side process while this one imports and loads
-        side = warmup.start(settings)
+            # a machine's first run: its kernels compile in a side process while this one imports and loads (for a
+            # caller, run_job decides: it starts one while the caller has the imports ahead of it)
+            side = warmup.start(settings)
 
         if scoring:
             from pmaccel.scoring import ScoreJob

@@ -341,6 +341,17 @@ def test_main_called_from_a_program_leaves_its_collector_alone(tiny, mixed, tmp_
     assert gc.get_freeze_count() == frozen and gc.isenabled()
 
 
+def test_main_called_from_a_program_follows_run_jobs_rule_for_the_side_process(tmp_path, monkeypatch):
+    """``main(flags)`` leaves the kernels' side process to ``run_job``, which starts none in a process that has
+    imported transformers already (this one): it compiles sooner in its own threads."""
+    from pmaccel import warmup
+
+    started = []
+    monkeypatch.setattr(warmup, "start", lambda settings: started.append(settings.data_path))
+    assert main(["--data_path", str(tmp_path / "missing.jsonl"), "--out_path", str(tmp_path / "o.jsonl")]) == 2
+    assert started == []
+
+
 def _bytecode_probe(tmp_path: Path, env: dict[str, str], setup: str = "cli.os.cpu_count = lambda: 2"
                     ) -> subprocess.CompletedProcess:
     """A child that runs the CLI's bytecode set-up with a package of ``tmp_path/src`` as the probe (after
