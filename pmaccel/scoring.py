@@ -312,7 +312,8 @@ class ScoreJob(Job):
 
 class ExactSum:
     """``math.fsum``, taken a value at a time: a finite float is a whole multiple of 2**-1074, so the sum is
-    kept exactly as that multiple and rounded once, as ``fsum`` rounds (the same float, whatever the order)."""
+    kept exactly as that multiple and rounded once, as ``fsum`` rounds (the same float, whatever the order).
+    Infinities carry through; both signs of them give NaN (where ``fsum`` raises)."""
 
     def __init__(self) -> None:
         self.units = 0  # the sum of the finite values, in 2**-1074
@@ -326,7 +327,7 @@ class ExactSum:
         self.units += n << (1075 - d.bit_length())
 
     def value(self) -> float:
-        if self.other != 0.0 or math.isnan(self.other):
+        if self.other != 0.0:  # an infinity, or NaN (never equal to anything)
             return self.other
         return float(Fraction(self.units, 1 << 1074))
 
