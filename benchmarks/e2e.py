@@ -263,7 +263,7 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
     stdout, stderr = logs / f"{job.name}.out", logs / f"{job.name}.err"
     print(f"\n[{job.name}] {shlex.join(job.cmd)}", flush=True)
     with stdout.open("w") as o, stderr.open("w") as e:
-        t = time.perf_counter()
+        t, launched_at = time.perf_counter(), time.time()
         # `python -m` puts the working directory first on the path: the other engine's runs start in its own
         proc = subprocess.Popen(job.cmd, stdout=o, stderr=e, env=environment(job.cache_dir, job.engine),
                                 cwd=job.engine or HERE.parent, start_new_session=True)
@@ -273,7 +273,7 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
             rc, timed_out = proc.wait(), True
-        wall = time.perf_counter() - t
+        wall, returned_at = time.perf_counter() - t, time.time()
     job.result = dict(run=job.run, gpus=job.gpus, cache=job.cache, cmd=shlex.join(job.cmd), rc=rc,
                       timed_out=timed_out, wall_s=wall, stdout=str(stdout), stderr=str(stderr), out=str(job.out),
                       engine=job.engine or "this checkout", round=job.round)
@@ -290,6 +290,7 @@ def execute(job: Job, timeout: float, logs: Path) -> None:
         job.result["tok_s"] = job.result["gen_tokens"] / wall
     job.result["phases"] = read_phases(job)
     job.result["outside_ranks_s"] = outside_ranks(wall, job.result["phases"])
+    job.result["timeline"] = timeline(launched_at, returned_at, job.result["phases"])
     status = job.result.get("error") or f"{job.result['gen_tokens']} tokens"
     print(f"[{job.name}] {wall:.1f} s, {status}", flush=True)
 
@@ -332,6 +333,16 @@ def outside_ranks(wall: float, phases: list[dict] | None) -> float | None:
     if not phases or any("start_s" not in rank for rank in phases):
         return None
     return round(wall - max(sum(float(rank.get(k, 0.0)) for k in TIMELINE) for rank in phases), 3)
+
+
+def timeline(launched_at: float, returned_at: float, phases: list[dict] | None) -> list[dict] | None:
+    """Per rank, on the command's clock: when its process started (``began_s``, after the command's own start-up
+    and the launcher's), when its timeline ended (``ended_s``) and how long the command ran after that
+    (``after_s``: the last barrier, the exit, the launcher's shut-down). None without pmaccel's stamps."""
+    if not phases or any("started_at" not in rank or "ended_at" not in rank for rank in phases):
+        return None
+    return [{"began_s": round(rank["started_at"] - launched_at, 3), "ended_s": round(rank["ended_at"] - launched_at, 3),
+             "after_s": round(returned_at - rank["ended_at"], 3)} for rank in phases]
 
 
 def slowest(phases: list[dict] | None) -> dict[str, float]:
@@ -435,6 +446,9 @@ def table(results: list[dict]) -> str:
             phases = " · ".join(f"{k} {v:.2f}" for k, v in slowest(r.get("phases")).items()) or "–"
             if r.get("outside_ranks_s") is not None:
                 phases += f" · outside the ranks {r['outside_ranks_s']:.2f}"
+            if r.get("timeline"):
+                phases += " · ranks began/ended at " + ", ".join(
+                    f"{t['began_s']:.1f}/{t['ended_s']:.1f}" for t in r["timeline"])
             cells = [f"{r['wall_s']:.1f}", str(r["gen_tokens"]), f"{r['tok_s']:.0f}",
                      "–" if x is None else f"{x:.2f}", "–" if agree is None else f"{agree:.1%}", phases]
         tags = ([f"round {r['round']}"] if r.get("round", 1) > 1 else []) + (

@@ -349,6 +349,7 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
     started = time.perf_counter()
     clock = _Phases()
     clock.phases["start_s"] = _process_age()  # the interpreter and the imports before the run began
+    clock.phases["started_at"] = round(time.time() - clock.phases["start_s"], 3)  # the process's start (epoch s)
     accelerator = _make_accelerator(settings)
     out_path = output.check_writable(settings.out_path)  # before the model loads
     _check_model_paths(settings)
@@ -403,6 +404,7 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     records = _merge(accelerator, out_path, table, keys, skipped, job, settings, done=done, started=started)
     clock.mark("write_s")
     clock.phases["peak_rss_gb"] = _peak_rss_gb()
+    clock.phases["ended_at"] = round(time.time(), 3)  # the end of the rank's timeline (epoch s): a launcher's share follows
     phases = distribute.gather_phases(accelerator, clock.phases)
     if accelerator.is_main_process:
         records.summary.phases = phases

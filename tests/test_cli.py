@@ -288,6 +288,8 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
         gc.enable()
     phases = json.loads((tmp_path / "out.jsonl.summary.json").read_text())["phases"][0]
     assert 0 < phases["start_s"] < 24 * 3600  # the process's age when the run began
+    # on the epoch's clock: the process started, the run began start_s later and its timeline ended before now
+    assert phases["started_at"] + phases["start_s"] < phases["ended_at"] <= time.time()
     # the peak memory when the first forward began, then over the whole run (never less)
     assert 0 < phases["peak_rss_before_run_gb"] <= phases["peak_rss_gb"]
     if sys.platform == "linux":  # what was resident then, in two parts: never more than the peak so far
