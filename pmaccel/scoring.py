@@ -43,8 +43,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pmaccel.errors import PMAccelError
 from pmaccel.grouping import Sample
 from pmaccel.rows import Row
@@ -107,6 +105,8 @@ def target_logprobs(model: Any, packs: list[ScoredPack], *, mask: str, rope_2d: 
     Returns:
         ``[sample][branch][token]`` log-probs (float32 log-softmax of the logits).
     """
+    import torch
+
     from pmaccel.forward import ModelCall
     from pmaccel.invariant import invariant_mode
     from pmaccel.layout import TokenMeta, collate
