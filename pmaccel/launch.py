@@ -70,6 +70,7 @@ def run_processes(settings: Any, job: Any) -> Any:
     Raises:
         PMAccelError: an input error of a process (the main one's when it met one), to be said once.
         RuntimeError: a process failed otherwise (its traceback is in the output above).
+        SystemExit: this process got SIGTERM (status 143): the launcher stopped the processes.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -102,7 +103,7 @@ def run_processes(settings: Any, job: Any) -> Any:
         except SignalException as e:  # the launcher stopped the processes; Ctrl-C is the caller's as usual
             if e.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None
-            raise
+            raise SystemExit(128 + e.sigval) from None  # SIGTERM (a job scheduler): ended as the signal ends a process
     records = Records(settings.out_path)
     fields = {f.name for f in dataclasses.fields(Summary)}
     summary = json.loads(summary_path(Path(settings.out_path)).read_text())

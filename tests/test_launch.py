@@ -102,7 +102,6 @@ def test_process_counts_refused(monkeypatch, unlaunched):
         launch.check_process_count(Settings(num_processes=4))
 
 
-
 class SecondRankFails(GenerateJob):
     """A job that only the second process refuses (an error the main process never meets)."""
 
@@ -180,3 +179,42 @@ def test_ctrl_c_is_one_line_and_status_130(tiny, mixed, tmp_path, processes):
     assert proc.returncode == 130, stderr[-3000:]
     assert lines == [cli.INTERRUPTED], stderr[-3000:]
     assert not out.exists() and len(list(tmp_path.glob("out.jsonl.part-*"))) == processes
+
+
+@pytest.mark.parametrize("end", ["SIGTERM to the starting process", "SIGKILL of a started process"])
+def test_the_processes_end_together(tiny, mixed, tmp_path, end):
+    """The starting process ends, or one started process dies: the launcher's agent stops the others (they would
+    wait for it forever), none is left running, and the command fails."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pmaccel", "--base_model", str(tiny), "--data_path", str(mixed),
+                             "--out_path", str(out), "--max_new_tokens", "100000", "--device", "cpu",
+                             "--num_processes", "2"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("out.jsonl.part-*"))) < 2:  # both processes are decoding
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started decoding"
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(proc.pid).children() if "pmaccel.launch" in p.cmdline()]
+        assert len(ranks) == 2
+        if end == "SIGTERM to the starting process":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            ranks[1].kill()
+        _, stderr = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not alive, "a started process is left running"
+    if end == "SIGTERM to the starting process":  # ended as the signal ends a process, without a traceback
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    else:
+        assert proc.returncode == 1 and "2 of 2 pmaccel processes failed (exit status -15, -9)" in stderr, stderr[-3000:]
+    assert not out.exists()
