@@ -824,12 +824,18 @@ def test_bf16_files_identical_at_any_process_count(bf16_run):
         pytest.skip("needs 2 GPUs or more")
     for sampled in (False, True):
         files = []
-        for procs in [p for p in (1, 2, 4) if p <= gpus]:
-            out = root / f"procs{procs}-{sampled}.jsonl"
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
-                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            launch += ["--multi_gpu"] if procs > 1 else []
-            cmd = launch + ["-m", "pmaccel", "--base_model", str(model), "--data_path", str(data), "--out_path",
+        # accelerate's launcher, and pmaccel's own (--num_processes) from 2 processes on
+        runs = [(p, launcher) for p in (1, 2, 4) if p <= gpus for launcher in ("accelerate", "pmaccel")[:1 + (p > 1)]]
+        for procs, launcher in runs:
+            out = root / f"procs{procs}-{launcher}-{sampled}.jsonl"
+            if launcher == "accelerate":
+                launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                launch += ["--multi_gpu"] if procs > 1 else []
+                launch += ["-m", "pmaccel"]
+            else:
+                launch = [sys.executable, "-m", "pmaccel", "--num_processes", str(procs)]
+            cmd = launch + ["--base_model", str(model), "--data_path", str(data), "--out_path",
                             str(out), "--max_new_tokens", "48", "--dtype", "bf16", "--deterministic", "--patch_rope"]
             cmd += ["--temperature", "0.8", "--top_p", "0.9", "--seed", "3"] if sampled else []
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
