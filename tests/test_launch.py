@@ -216,5 +216,6 @@ def test_the_processes_end_together(tiny, mixed, tmp_path, end):
     if end == "SIGTERM to the starting process":  # ended as the signal ends a process, without a traceback
         assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
     else:
-        assert proc.returncode == 1 and "2 of 2 pmaccel processes failed (exit status -15, -9)" in stderr, stderr[-3000:]
+        assert proc.returncode == 1 and re.search(r"of 2 pmaccel processes failed \(exit status [-0-9, ]*-9\)", stderr), \
+            stderr[-3000:]
     assert not out.exists()
