@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from e2e import environment  # this directory's
 
 PHASES = ("start_s", "read_s", "load_s", "tokenize_s", "run_s", "capture_s", "prefill_s", "decode_s", "write_s")
 
@@ -38,10 +39,7 @@ def main() -> None:
     for g in range(args.gpus):
         parts.append(here / f"rows{g}.jsonl")
         parts[-1].write_text("".join(rows[g * len(rows) // args.gpus:(g + 1) * len(rows) // args.gpus]))
-    cache = here / "cache"
-    env = dict(os.environ, HOME=str(cache / "home"), XDG_CACHE_HOME=str(cache / "xdg"),
-               PMACCEL_CACHE=str(cache / "pmaccel"), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-               TRITON_CACHE_DIR=str(cache / "triton"), HF_HUB_OFFLINE="1")
+    env = environment(here / "cache")  # every compile cache and HOME in one directory, as e2e.py's runs
 
     def start(gpu: int, data: Path, out: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pmaccel", "--base_model", str(work / "model"), "--data_path", str(data),
