@@ -1,18 +1,20 @@
-"""The decode engine: continuous batching of samples over a fixed pool of rows and lanes.
+"""The decode engine: continuous batching of branches over a fixed pool of rows and lanes.
 
     Engine      what the caller holds: its configuration, the runners it built, ``stats``, ``release()``
-    Scheduler   (``Engine.run``) which pending samples enter which free rows, when rows are
-                compacted, how many rows the next steps run over; finished samples reach the caller
-                while the device runs the steps queued after them
-    Runner      the device side: static buffers for R rows x K lanes x S key slots, the KV memory
-                (``SlotCache``), the step, one CUDA graph per row bucket
+    Scheduler   (``Engine.run``) which pending samples enter which free rows and lanes, when the lanes of
+                ended branches are freed, how many lanes the next steps run over; finished samples reach
+                the caller while the device runs the steps queued after them
+    Runner      the device side: static buffers for R rows x S key slots (the KV memory, ``SlotCache``)
+                and per-branch state, L lanes and their table, the step, one CUDA graph per lane bucket
 
-A row holds one sample, a lane one of its branches. Every step emits one token for every running
-lane of every live row (SPEC §5): ``choose_tokens`` -> ``record`` -> ``step_inputs`` -> the model.
-When a sample's last branch ends, its row is freed and the next pending sample is prefilled into it;
-the step's shapes depend on the pool, never on the rows' contents, so a run captures at most one
-graph per row bucket (R, R/2, R/4, ...). Masks and positions are built on the device from per-slot
-metadata (``pmaccel.layout.allowed``), so a sample's tokens do not depend on its companions.
+A row holds one sample (its K/V and its branches' state), a lane one running branch. Every step emits
+one token for every running branch (SPEC §5): ``choose_tokens`` -> ``record`` -> ``step_inputs`` -> the
+model. When a branch ends its lane is freed (the running lanes move down over it); when a sample's last
+branch ends its row is freed too (until then its other branches still read the ended branch's tokens),
+and the next pending samples are prefilled into the free rows and lanes. The step's shapes depend on
+the pool, never on the rows' contents, so a run captures at most one graph per lane bucket (L, L/2,
+L/4, ...). Masks and positions are built on the device from per-slot metadata
+(``pmaccel.layout.allowed``), so a sample's tokens do not depend on its companions or its lanes.
 
 The same step runs eagerly on the CPU (no graph), so there is one decode path everywhere.
 """
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from pmaccel.forward import ModelCall
-from pmaccel.invariant import ModePlan, compile_ahead, invariant_mode, resolve
+from pmaccel.invariant import ModePlan, compile_ahead, invariant_mode, is_invariant, resolve
 from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
 from pmaccel.model import text_config
 from pmaccel.sampling import draw, uniforms
@@ -51,6 +53,8 @@ class EngineConfig:
     Args:
         max_rows: most samples decoded at once (``None``: from the free memory and ``max_lanes``).
         max_lanes: most branches per step (``None``: 2048 on a GPU, 64 on the CPU).
+        columns: lanes per batch row of a step (``None``: 1 where the attention reads the KV memory in place,
+            the invariant kernels, so that a branch that ends frees its lane; else a sample's branch count).
         graphs: capture the step as CUDA graphs (``None``: on CUDA).
         sync_every: steps between host checks for finished samples.
         prefill_tokens: most padded prompt tokens in one prefill forward (``None``: ``PREFILL_TOKENS``, on
@@ -63,6 +67,7 @@ class EngineConfig:
 
     max_rows: int | None = None
     max_lanes: int | None = None
+    columns: int | None = None
     graphs: bool | None = None
     sync_every: int = 8
     prefill_tokens: int | None = None
@@ -75,43 +80,41 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class State:
-    """Everything the step reads and writes; the leading dimension is the row. ``rows(n)`` views rows 0..n-1."""
+    """Everything the step reads and writes about the samples; the leading dimension is the row (a sample's
+    KV row), the second the branch's position k in its sample. Row R, the last, is never used: the lanes
+    that run no branch point at it."""
 
-    keys: TokenMeta  # per key slot [R, S]
-    branch_id: torch.Tensor  # per lane [R, K]
-    bpos: torch.Tensor  # [R, K]
-    last_time: torch.Tensor  # [R, K] time of the lane's last token
-    ngen: torch.Tensor  # [R, K] tokens emitted
-    finish: torch.Tensor  # [R, K] 0 running, 1 stop, 2 length
-    active: torch.Tensor  # [R, K] bool: the lane's next token is still to be chosen
-    base: torch.Tensor  # [R, K] first slot of the lane's generated tokens
-    hist_len: torch.Tensor  # [R, K] main + branch prompt length (where generated ids go in `history`)
-    index: torch.Tensor  # [R] the sample's global index (-1: empty row); keys the sampling RNG
-    n_real: torch.Tensor  # [R] real tokens so far (pos1d continues from here)
-    out: torch.Tensor  # [R, K, G] generated ids
-    history: torch.Tensor  # [R, K, W] main + prompt + generated ids (repetition penalty), else [R, K, 0]
-    logits: torch.Tensor  # [R, K, V] the logits the next tokens are chosen from
+    keys: TokenMeta  # per key slot [R+1, S]
+    branch_id: torch.Tensor  # per branch [R+1, K]
+    bpos: torch.Tensor  # [R+1, K]
+    last_time: torch.Tensor  # [R+1, K] time of the branch's last token
+    ngen: torch.Tensor  # [R+1, K] tokens emitted
+    finish: torch.Tensor  # [R+1, K] 0 running, 1 stop, 2 length
+    active: torch.Tensor  # [R+1, K] bool: the branch's next token is still to be chosen
+    base: torch.Tensor  # [R+1, K] first slot of the branch's generated tokens
+    hist_len: torch.Tensor  # [R+1, K] main + branch prompt length (where generated ids go in `history`)
+    index: torch.Tensor  # [R+1] the sample's global index (-1: empty row); keys the sampling RNG
+    n_real: torch.Tensor  # [R+1] real tokens so far (pos1d continues from here)
+    out: torch.Tensor  # [R+1, K, G] generated ids
+    history: torch.Tensor  # [R+1, K, W] main + prompt + generated ids (repetition penalty), else [R+1, K, 0]
 
     @classmethod
-    def empty(cls, R: int, K: int, S: int, G: int, W: int, V: int, dtype: torch.dtype, device) -> State:
+    def empty(cls, R: int, K: int, S: int, G: int, W: int, device) -> State:
         z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
         state = cls(
             keys=TokenMeta(time=z(R, S), branch=z(R, S), is_main=z(R, S, dt=torch.bool), valid=z(R, S, dt=torch.bool)),
             branch_id=z(R, K), bpos=z(R, K), last_time=z(R, K), ngen=z(R, K), finish=z(R, K),
             active=z(R, K, dt=torch.bool), base=z(R, K), hist_len=z(R, K), index=z(R), n_real=z(R),
-            out=z(R, K, G), history=z(R, K, W), logits=torch.zeros(R, K, V, dtype=dtype, device=device),
+            out=z(R, K, G), history=z(R, K, W),
         )
         state.keys.branch.fill_(-1)
         state.index.fill_(-1)
         return state
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys.astuple(), *(getattr(self, f.name) for f in dataclasses.fields(self)[1:])]
 
-    def rows(self, n: int) -> State:
-        k = self.keys
-        return State(TokenMeta(k.time[:n], k.branch[:n], k.is_main[:n], k.valid[:n]),
-                     *(getattr(self, f.name)[:n] for f in dataclasses.fields(self)[1:]))
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[R, K, ...] -> [R*K, ...]: per-branch state addressed by row * K + k (a lane's branch)."""
+    return t.view(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
 # ----------------------------------------------------------------------------- the step functions
@@ -132,74 +135,110 @@ def choose_tokens(opts: Any, logits: torch.Tensor, history: torch.Tensor, index:
     return draw(scores, uniforms(opts.seed, index, branch, step))
 
 
-def record(s: State, tok: torch.Tensor, is_stop: torch.Tensor, max_new: int) -> None:
-    """Bookkeeping of the chosen tokens tok [n, K]: a stop id (``is_stop`` [V] bool) ends its lane (the
-    reason, not an output); any other token is recorded, and ends its lane at ``max_new`` tokens."""
-    stop = is_stop[tok] & s.active  # a table lookup: no sort, no host sync, whatever the number of stop ids
-    emit = s.active & ~stop
-    at = s.ngen.clamp(max=max_new - 1).unsqueeze(-1)  # [n, K, 1]
-    s.out.scatter_(2, at, torch.where(emit.unsqueeze(-1), tok.unsqueeze(-1), s.out.gather(2, at)))
+def record(s: State, f: torch.Tensor, tok: torch.Tensor, active: torch.Tensor, ngen: torch.Tensor,
+           is_stop: torch.Tensor, max_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bookkeeping of the tokens ``tok`` [m] chosen for the branches ``f`` [m] (row * K + k; ``active`` and
+    ``ngen`` their state): a stop id (``is_stop`` [V] bool) ends its branch (the reason, not an output); any
+    other token is recorded, and ends its branch at ``max_new`` tokens. Returns (going on, tokens emitted)."""
+    stop = is_stop[tok] & active  # a table lookup: no sort, no host sync, whatever the number of stop ids
+    emit = active & ~stop
+    out = _flat(s.out)
+    at = ngen.clamp(max=max_new - 1)
+    out[f, at] = torch.where(emit, tok, out[f, at])
     if s.history.shape[-1]:
-        at = (s.hist_len + s.ngen).clamp(max=s.history.shape[-1] - 1).unsqueeze(-1)
-        s.history.scatter_(2, at, torch.where(emit.unsqueeze(-1), tok.unsqueeze(-1), s.history.gather(2, at)))
-    s.ngen += emit
-    full = emit & (s.ngen >= max_new)
-    s.finish.copy_(torch.where(stop, 1, torch.where(full, 2, s.finish)))
-    s.active.copy_(emit & ~full)
+        history = _flat(s.history)
+        at = (_flat(s.hist_len)[f] + ngen).clamp(max=history.shape[-1] - 1)
+        history[f, at] = torch.where(emit, tok, history[f, at])
+    ngen = ngen + emit
+    full = emit & (ngen >= max_new)
+    finish = _flat(s.finish)
+    finish[f] = torch.where(stop, 1, torch.where(full, 2, finish[f]))
+    going = emit & ~full
+    _flat(s.ngen)[f] = ngen
+    _flat(s.active)[f] = going
+    return going, ngen
 
 
-def step_inputs(s: State, tok: torch.Tensor, scratch: int, rope_2d: bool):
-    """The step's new tokens: lane k of a row is column k; lanes that do not go on are padding.
+def step_inputs(s: State, f: torch.Tensor, first: torch.Tensor, tok: torch.Tensor, going: torch.Tensor,
+                ngen: torch.Tensor, scratch: int, rope_2d: bool):
+    """The step's new tokens, one per lane (branch ``f`` [m]); lanes that do not go on are padding.
 
-    Going lanes advance their time by one and continue pos1d from the row's real-token count, in
-    branch order. Their keys' metadata is written at their slots. Returns input_ids [n, K], positions
-    ([n, K, 3] or [n, K]), query meta [n, K] and slots [n, K].
+    A sample's lanes are consecutive and in branch order (``first`` [m]: the position of the lane's
+    sample's first lane). Going lanes advance their time by one and continue pos1d from their row's
+    real-token count, in branch order. Their keys' metadata is written at their slots. Returns input_ids
+    [m], positions ([m, 3] or [m]), query meta [m] and slots [m].
     """
-    going = s.active
-    s.last_time += going
-    order = going.long().cumsum(1)  # [n, K] rank among the row's going lanes
-    pos1d = s.n_real[:, None] + order - 1
-    s.n_real += order[:, -1]
-    slots = torch.where(going, s.base + s.ngen - 1, scratch)
-    query = TokenMeta(time=s.last_time.clone(), branch=torch.where(going, s.branch_id, -1),
-                      is_main=torch.zeros_like(going), valid=going.clone())
-    rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+    rows = torch.div(f, s.active.shape[1], rounding_mode="floor")
+    last_time = _flat(s.last_time)[f] + going
+    _flat(s.last_time)[f] = last_time
+    g = going.long()
+    upto = g.cumsum(0)  # going lanes up to and including each lane
+    order = upto - (upto - g)[first]  # rank among the sample's going lanes
+    pos1d = s.n_real[rows] + order - 1
+    s.n_real.index_add_(0, rows, g)
+    slots = torch.where(going, _flat(s.base)[f] + ngen - 1, scratch)
+    query = TokenMeta(time=last_time, branch=torch.where(going, _flat(s.branch_id)[f], -1),
+                      is_main=torch.zeros_like(going), valid=going)
     for dst, src in zip(s.keys.astuple(), query.astuple()):
         dst[rows, slots] = src
     ids = torch.where(going, tok, 0)
-    return ids, stack_positions(pos1d, s.bpos, query.time, rope_2d), query, slots
+    return ids, stack_positions(pos1d, _flat(s.bpos)[f], last_time, rope_2d), query, slots
 
 
 class Runner:
-    """Static buffers for R rows x K lanes x S slots, and the step over the first n rows (graphed per n)."""
+    """Static buffers for R rows (samples: KV memory and per-branch state) and L lanes (branches running), and
+    the step over the first n groups of C lanes (graphed per n).
 
-    def __init__(self, model: Any, opts: Any, R: int, K: int, S: int, W: int, graphs: bool):
+    A lane runs one branch; the lane table (``lane``) says which, as row * K + k. Lanes come in groups of C
+    that belong to one sample (``group_row``: its row), the batch rows of the step's forward: with C = 1
+    every lane is a batch row of its own and the attention reads each lane's KV row in place; with C = K a
+    sample's branches share one batch row, as in a packed sequence. Lanes that run nothing point at row R.
+    """
+
+    def __init__(self, model: Any, opts: Any, R: int, K: int, S: int, W: int, graphs: bool,
+                 lanes: int | None = None, columns: int | None = None):
         self.call = ModelCall.of(model, opts.mask)
         self.opts, self.R, self.K, self.S = opts, R, K, S
+        self.C = columns or K
+        self.L = max(lanes or R * K, K) // self.C * self.C
         device = next(model.parameters()).device
         V = model.get_output_embeddings().weight.shape[0]
-        self.state = State.empty(R, K, S, opts.max_new_tokens, W, V, self.call.dtype, device)
-        self.cache = SlotCache(R, S)
+        self.state = State.empty(R + 1, K, S, opts.max_new_tokens, W, device)
+        self.logits = torch.zeros(self.L, V, dtype=self.call.dtype, device=device)  # per lane: the next token's
+        self.lane = torch.full((self.L,), R * K, dtype=torch.long, device=device)  # the branch each lane runs
+        self.first = torch.arange(self.L, device=device)  # the first lane of each lane's sample
+        self.group_row = torch.full((self.L // self.C,), R, dtype=torch.long, device=device)
+        self.cache = SlotCache(R + 1, S)
         self.is_stop = torch.zeros(V, dtype=torch.bool, device=device)
         self.is_stop[[i for i in opts.stop_ids if 0 <= i < V]] = True
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows -> the captured step
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # groups -> the captured step
         self.pool = torch.cuda.graph_pool_handle() if graphs else None  # one memory pool for every graph
         self._staging: torch.Tensor | None = None  # pinned host buffer of ``upload`` (CUDA)
         self._staged = torch.cuda.Event() if device.type == "cuda" else None  # its last copy to the device
 
     # ------------------------------------------------------------------ the step (capturable)
     def step(self, n: int) -> None:
-        """One decode step over rows 0..n-1: choose, record, feed back; leaves the next logits in the state."""
-        s, K, opts = self.state.rows(n), self.K, self.opts
-        flat = lambda t: t.reshape(n * K, *t.shape[2:])  # noqa: E731  [n, K, ...] -> [n*K, ...]
-        tok = choose_tokens(opts, flat(s.logits), flat(s.history), s.index[:, None].expand(n, K).reshape(-1),
-                            flat(s.branch_id), flat(s.ngen), flat(s.active)).view(n, K)
-        record(s, tok, self.is_stop, opts.max_new_tokens)
-        ids, positions, query, slots = step_inputs(s, tok, self.S - 1, opts.rope_2d)
-        self.cache.decode(slots)
-        logits = self.call(ids, positions, query, s.keys, slots, self.cache, into=s.logits)
-        if logits.data_ptr() != s.logits.data_ptr():  # not written in place (not the invariant kernels)
-            s.logits.copy_(logits)
+        """One decode step over lane groups 0..n-1: choose, record, feed back; leaves the next logits in
+        ``logits``."""
+        s, C, opts = self.state, self.C, self.opts
+        m = n * C
+        f = self.lane[:m]
+        active, ngen = _flat(s.active)[f], _flat(s.ngen)[f]
+        rows = torch.div(f, self.K, rounding_mode="floor")
+        tok = choose_tokens(opts, self.logits[:m], _flat(s.history)[f], s.index[rows], _flat(s.branch_id)[f], ngen,
+                            active)
+        going, ngen = record(s, f, tok, active, ngen, self.is_stop, opts.max_new_tokens)
+        ids, positions, query, slots = step_inputs(s, f, self.first[:m], tok, going, ngen, self.S - 1, opts.rope_2d)
+        group_row = self.group_row[:n]
+        keys = TokenMeta(*(t[group_row] for t in s.keys.astuple()))  # [n, S]: each batch row's sample's slots
+        grid = lambda t: t.view(n, C, *t.shape[1:])  # noqa: E731  [m, ...] -> [n, C, ...]
+        in_place = is_invariant(self.call.model)
+        self.cache.decode(group_row, grid(slots), in_place=in_place)
+        into = grid(self.logits[:m])
+        logits = self.call(grid(ids), grid(positions), TokenMeta(*map(grid, query.astuple())), keys, grid(slots),
+                           self.cache, into=into, kv_rows=group_row if in_place else None)
+        if logits.data_ptr() != into.data_ptr():  # not written in place (not the invariant kernels)
+            into.copy_(logits)
 
     def run_steps(self, n: int, count: int) -> None:
         graph = self.graphs.get(n)
@@ -210,8 +249,8 @@ class Runner:
                 self.step(n)
 
     def capture(self, buckets: Sequence[int]) -> None:
-        """Record the step over each bucket of rows as a CUDA graph; the pool must be empty (a step then
-        changes nothing that counts: no lane is active, scratch slots only)."""
+        """Record the step over each bucket of lane groups as a CUDA graph; the pool must be empty (a step then
+        changes nothing that counts: no lane runs a branch, scratch slots only)."""
         assert not bool(self.state.active.any()), "capture needs an empty pool"
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -234,6 +273,35 @@ class Runner:
             if not frozen_before:  # unfreeze() thaws every frozen object: an earlier freeze (the CLI's) stays
                 gc.unfreeze()
 
+    # ------------------------------------------------------------------ the lane table
+    def set_lanes(self, groups: Sequence[tuple[int, Sequence[int]]], moves: Sequence[tuple[int, int]] = ()) -> None:
+        """Lay out the lanes: ``groups`` in order, each (row, its branch positions k, at most C), a sample's
+        groups consecutive and its branches in order; the lanes after them run nothing. ``moves``: (from,
+        to) lane positions whose next-token logits go with their branch (a branch that changes lanes)."""
+        K, C, R = self.K, self.C, self.R
+        lane, first, group_row = [R * K] * self.L, list(range(self.L)), [R] * (self.L // C)
+        start = {}
+        for j, (row, ks) in enumerate(groups):
+            group_row[j] = row
+            begin = start.setdefault(row, j * C)
+            for c, k in enumerate(ks):
+                lane[j * C + c] = row * K + k
+                first[j * C + c] = begin
+        host = {"lane": torch.tensor(lane), "first": torch.tensor(first), "group_row": torch.tensor(group_row)}
+        if moves:
+            host["moves"] = torch.tensor(moves, dtype=torch.long)
+        d = self.upload(host)
+        if moves:
+            src, dst = d["moves"].unbind(1)
+            self.logits.index_copy_(0, dst, self.logits.index_select(0, src))
+        self.lane.copy_(d["lane"])
+        self.first.copy_(d["first"])
+        self.group_row.copy_(d["group_row"])
+
+    def lane_active(self, m: int) -> list[bool]:
+        """Whether each of the first m lanes still runs its branch (the host waits for the queued steps)."""
+        return _flat(self.state.active)[self.lane[:m]].tolist()
+
     # ------------------------------------------------------------------ admission
     def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The host tensors on the state's device, each with its shape and dtype. On CUDA they travel in one
@@ -254,8 +322,10 @@ class Runner:
         return {name: part.view(t.shape).to(t.dtype)
                 for (name, t), part in zip(host.items(), flat.split([p.numel() for p in parts]))}
 
-    def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int) -> None:
-        """Run the packed prompts of new samples into ``rows`` and set their lanes running.
+    def prefill(self, packs: list[PackedSample], rows: list[int], indices: list[int], pad_id: int,
+                lanes: list[int]) -> None:
+        """Run the packed prompts of new samples into ``rows`` and set their branches running; sample b's
+        branch k runs on lane ``lanes[b] + k`` (its first token's logits go there).
 
         Everything the admission needs from the host goes to the device in one copy (``upload``), and the
         device-side writes take device indices only: the host never waits for the device here, so it
@@ -263,7 +333,7 @@ class Runner:
         s, K, G = self.state, self.K, self.opts.max_new_tokens
         batch = collate(packs, pad_id)
         n = batch.input_ids.shape[1]
-        # per lane, built as Python lists (no tensor operation per branch):
+        # per branch, built as Python lists (no tensor operation per branch):
         # (branch id, bpos, time of the last prompt token, active, first output slot, history length)
         idle = [-1, 0, 0, 0, self.S - 1, 0]
         table = []
@@ -272,23 +342,24 @@ class Runner:
             table.append([[b, bp, t, 1, p.num_tokens + k * G, 0]
                           for k, (b, bp, t) in enumerate(zip(p.branch_ids, bpos, p.last_time))]
                          + [idle] * (K - len(p.branch_ids)))
-        lanes = torch.tensor(table, dtype=torch.long)  # [B, K, 6]
+        branches = torch.tensor(table, dtype=torch.long)  # [B, K, 6]
         history = None
-        if s.history.shape[-1]:  # repetition penalty: each lane's main + branch ids, in time order
+        if s.history.shape[-1]:  # repetition penalty: each branch's main + branch ids, in time order
             history = torch.zeros(len(packs), K, s.history.shape[-1], dtype=torch.long)
             for b, p in enumerate(packs):
                 for k, branch in enumerate(p.branch_ids):
                     h = p.input_ids[(p.branch == branch) | p.is_main]
                     history[b, k] = h[0]
                     history[b, k, : h.numel()] = h
-                    lanes[b, k, 5] = h.numel()
-        # logits only where a branch continues: E = every branch's last prompt token, lane k of batch row b
-        pick = torch.tensor([[b, c, k] for b, p in enumerate(packs) for k, c in enumerate(p.last_index)],
+                    branches[b, k, 5] = h.numel()
+        # logits only where a branch continues: E = every branch's last prompt token, to branch k's lane
+        pick = torch.tensor([[b, c, lanes[b] + k] for b, p in enumerate(packs) for k, c in enumerate(p.last_index)],
                             dtype=torch.long).view(-1, 3)  # [E, 3]
         host = {"rows": torch.tensor(rows), "index": torch.tensor(indices),
                 "n_real": torch.tensor([p.num_tokens for p in packs]), "input_ids": batch.input_ids,
                 "positions": stack_positions(batch.pos1d, batch.bpos, batch.meta.time, self.opts.rope_2d),
-                "pick": pick, "lanes": lanes, **dict(zip(("time", "branch", "is_main", "valid"), batch.meta.astuple()))}
+                "pick": pick, "branches": branches,
+                **dict(zip(("time", "branch", "is_main", "valid"), batch.meta.astuple()))}
         if history is not None:
             host["history"] = history
         d = self.upload(host)
@@ -303,19 +374,14 @@ class Runner:
         logits = self.call(d["input_ids"], d["positions"], meta, meta, slots, self.cache,
                            select=(pick[:, 0], pick[:, 1]))  # [E, V]
         for j, dst in enumerate((s.branch_id, s.bpos, s.last_time, s.active, s.base, s.hist_len)):
-            dst.index_copy_(0, r, d["lanes"][..., j].to(dst.dtype))
+            dst.index_copy_(0, r, d["branches"][..., j].to(dst.dtype))
         if history is not None:
             s.history.index_copy_(0, r, d["history"])
-        for t in (s.ngen, s.finish, s.out, s.logits):
+        for t in (s.ngen, s.finish, s.out):
             t.index_fill_(0, r, 0)
         s.index.index_copy_(0, r, d["index"])
         s.n_real.index_copy_(0, r, d["n_real"])
-        s.logits.index_put_((r[pick[:, 0]], pick[:, 2]), logits.to(s.logits.dtype))
-
-    def move_row(self, src: int, dst: int) -> None:
-        for t in self.state.tensors():
-            t[dst] = t[src]
-        self.cache.move_row(src, dst)
+        self.logits.index_copy_(0, pick[:, 2], logits.to(self.logits.dtype))
 
     def clear_row(self, row: int | slice | torch.Tensor) -> None:
         s = self.state
@@ -338,9 +404,9 @@ class Result:
     finish_reasons: list[str]
 
 
-def _buckets(R: int) -> list[int]:
-    """Row counts the step runs over: R, R/2, R/4, ... down to 1 (at most ~log2 R graphs)."""
-    out, n = [], R
+def _buckets(most: int) -> list[int]:
+    """Lane group counts the step runs over: most, most/2, most/4, ... down to 1 (at most ~log2 of it graphs)."""
+    out, n = [], most
     while n >= 1:
         out.append(n)
         n //= 2
@@ -376,7 +442,7 @@ class Engine:
 
     def _reset_stats(self) -> None:
         self.stats = dict(steps=0, capture_s=0.0, prefill_s=0.0, decode_s=0.0, prefills=0, rows=0, lanes=0,
-                          slots=0, samples=0, generated_tokens=0, graphs=0, row_moves=0, prefill_tokens=0)
+                          slots=0, samples=0, generated_tokens=0, graphs=0, lane_moves=0, prefill_tokens=0)
 
     def release(self) -> None:
         """Free the KV memory, buffers and graphs (the OOM back-off calls this before retrying smaller)."""
@@ -385,16 +451,22 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ sizing
-    def _pool_size(self, packs: Sequence[PackedSample], opts: Any, K: int, S: int, W: int) -> int:
+    def _lanes(self, K: int, C: int) -> int:
+        """The pool's lanes: ``max_lanes`` (2048 on a GPU, 64 on the CPU), at least one sample's, in groups of C."""
+        lanes = self.config.max_lanes or (2048 if self.device.type == "cuda" else 64)
+        return max(lanes, K) // C * C
+
+    def _pool_size(self, packs: Sequence[PackedSample], opts: Any, K: int, S: int, W: int, L: int, C: int) -> int:
+        """Rows (samples at once): as many as can hold a lane group each, within ``max_rows`` and the memory."""
         cfg = self.config
-        lanes = cfg.max_lanes or (2048 if self.device.type == "cuda" else 64)
-        R = max(1, min(len(packs), max(1, lanes // K), cfg.max_rows or len(packs)))
+        R = max(1, min(len(packs), L // C, cfg.max_rows or len(packs)))
         if self.device.type == "cuda":
             V = self.model.get_output_embeddings().weight.shape[0]
             itemsize = next(self.model.parameters()).element_size()
-            per_row = S * kv_bytes_per_slot(self.model) + K * V * (itemsize + 8) + K * (W + opts.max_new_tokens) * 8
+            per_row = S * kv_bytes_per_slot(self.model) + S * 18 + K * (W + opts.max_new_tokens + 10) * 8
             free, _ = torch.cuda.mem_get_info(self.device)
-            R = max(1, min(R, int(free * cfg.memory_fraction) // per_row))
+            free = free * cfg.memory_fraction - L * V * (itemsize + 8)  # the lanes' logits, the step's scores
+            R = max(1, min(R, int(free) // per_row))
         return R
 
     def prefill_budget(self, longest: int) -> int:
@@ -408,6 +480,16 @@ class Engine:
             budget = min(budget, free // 2 // prefill_bytes_per_token(self.model, longest))
         return max(1, budget)
 
+    def columns(self, K: int) -> int:
+        """Lanes per batch row of a step: 1 where the attention reads each lane's KV row in place (the invariant
+        kernels; a lane then holds no room once its branch ends), else a sample's K (``EngineConfig.columns``
+        sets it)."""
+        if self.config.columns is not None:
+            return max(1, min(self.config.columns, K))
+        in_place = (resolve(self.config.deterministic, self.device)
+                    and getattr(text_config(self.model), "attn_logit_softcapping", None) is None)
+        return 1 if in_place else K
+
     def _runner(self, packs: Sequence[PackedSample], opts: Any) -> Runner:
         G = opts.max_new_tokens
         K = max(len(p.branch_ids) for p in packs)
@@ -416,19 +498,22 @@ class Engine:
         W = 0
         if opts.processors and any(type(p).__name__ == "RepetitionPenaltyLogitsProcessor" for p in opts.processors):
             W = max(int(((p.branch == b) | p.is_main).sum()) for p in packs for b in p.branch_ids) + G
-        R = self._pool_size(packs, opts, K, S, W)
-        graphs = self.config.graphs if self.config.graphs is not None else self.device.type == "cuda"
         old = self.runner
+        C = self.columns(K if old is None else max(K, old.K))
+        L = self._lanes(K, C)
+        R = self._pool_size(packs, opts, K, S, W, L, C)
+        graphs = self.config.graphs if self.config.graphs is not None else self.device.type == "cuda"
         if (old is not None and self._runner_key == (opts, graphs) and old.R >= R and old.K >= K and old.S >= S
+                and old.C == C and old.L >= L
                 and old.state.history.shape[-1] >= W and (W == 0) == (old.state.history.shape[-1] == 0)):
             old.clear_row(slice(None))  # rows a stopped run left behind are free again
             return old  # a later call that fits reuses the buffers and graphs
         self.release()
         self.stats["rows"] = R  # before allocating: an out-of-memory error here is retried with fewer rows
         t = time.perf_counter()
-        runner = Runner(self.model, opts, R, K, S, W, graphs)
+        runner = Runner(self.model, opts, R, K, S, W, graphs, lanes=L, columns=C)
         if graphs:
-            runner.capture(_buckets(R))
+            runner.capture(_buckets(runner.L // runner.C))
         self.stats["capture_s"] += time.perf_counter() - t
         self.runner, self._runner_key = runner, (opts, graphs)
         return runner
@@ -468,37 +553,53 @@ class Engine:
     def _run(self, packs, indices, opts, pad_id, on_step) -> Iterator[list[Result]]:
         runner = self._runner(packs, opts)
         st, cfg = self.stats, self.config
-        st.update(rows=runner.R, lanes=runner.R * runner.K, slots=runner.S, graphs=len(runner.graphs))
+        C, L = runner.C, runner.L
+        st.update(rows=runner.R, lanes=L, slots=runner.S, graphs=len(runner.graphs))
         # longest first: the tail of the run holds the short ones
         pending = sorted(range(len(packs)), key=lambda i: -(packs[i].num_tokens + len(packs[i].branch_ids)))
         pending.reverse()  # pop() from the end
+        need = [-(-len(p.branch_ids) // C) for p in packs]  # lane groups a sample takes
+        waiting = sum(need)  # lane groups of the pending samples
         free = list(range(runner.R - 1, -1, -1))  # pop() gives the lowest row
         live: dict[int, int] = {}  # row -> position in packs
         started: dict[int, int] = {}  # row -> the step its sample was admitted at
+        groups: list[tuple[int, list[int]]] = []  # the lane groups in lane order: (row, branch positions)
+        runner.set_lanes(groups)  # a run that stopped early left its lanes behind
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
         budget = self.prefill_budget(max(p.num_tokens for p in packs))
         st["prefill_tokens"] = budget
         steps = 0
         ready: list[Result] = []  # harvested, handed to the caller once the next steps are queued
         while pending or live:
-            # admit: fill free rows when enough are free (or nothing runs); prefill in chunks
-            if pending and free and (not live or len(free) >= max(1, runner.R // 8) or len(free) >= len(pending)):
+            # admit: new samples into free rows and the free lanes after the running ones, when enough lanes are
+            # free (or nothing runs); prefill in chunks
+            room = L // C - len(groups)
+            if (pending and free and need[pending[-1]] <= room
+                    and (not live or room * C >= max(1, L // 8) or waiting <= room)):
                 t = time.perf_counter()
                 take = []
-                while pending and free:
-                    take.append((free.pop(), pending.pop()))
+                while pending and free and need[pending[-1]] <= room:
+                    pos = pending.pop()
+                    take.append((free.pop(), pos))
+                    room -= need[pos]
+                    waiting -= need[pos]
                 free.sort(reverse=True)
                 for chunk in _prefill_chunks(take, packs, budget):
-                    rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
-                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id)
+                    rows, pos, lanes = [r for r, _ in chunk], [i for _, i in chunk], []
+                    for r, i in chunk:
+                        lanes.append(len(groups) * C)
+                        k_n = len(packs[i].branch_ids)
+                        groups.extend((r, list(range(k, min(k + C, k_n)))) for k in range(0, k_n, C))
+                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id, lanes)
                     live.update(chunk)
                     started.update((r, steps) for r in rows)
                     st["prefills"] += 1
+                runner.set_lanes(groups)
                 _sync(self.device)
                 st["prefill_s"] += time.perf_counter() - t
-            # decode a few steps over the smallest bucket that holds every live row
+            # decode a few steps over the smallest bucket that holds every lane group
             t = time.perf_counter()
-            n = _bucket_for(max(live) + 1, runner.R)
+            n = _bucket_for(len(groups), L // C)
             # check again no later than the step at which the first live sample must end (max_new_tokens)
             count = max(1, min(sync, min(opts.max_new_tokens - (steps - started[r]) for r in live)))
             runner.run_steps(n, count)
@@ -509,17 +610,31 @@ class Engine:
                 yield ready
                 ready = []
                 t += time.perf_counter() - away
-            alive = runner.state.active[:n].any(1).tolist()
+            going = runner.lane_active(len(groups) * C)
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
                 on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
-            done = [r for r in sorted(live) if not alive[r]]
+            # the lanes whose branches ended are freed: the running ones move down, in order, over them
+            kept: dict[int, list[tuple[int, int]]] = {}  # row -> (lane, k) of its running branches
+            for j, (r, ks) in enumerate(groups):
+                kept.setdefault(r, []).extend((j * C + c, k) for c, k in enumerate(ks) if going[j * C + c])
+            done = [r for r in sorted(live) if not kept.get(r)]
+            moved, regrouped = [], []
+            for r, lanes_k in kept.items():
+                for g0 in range(0, len(lanes_k), C):
+                    part = lanes_k[g0:g0 + C]
+                    for c, (old, _) in enumerate(part):
+                        if old != len(regrouped) * C + c:
+                            moved.append((old, len(regrouped) * C + c))
+                    regrouped.append((r, [k for _, k in part]))
+            if regrouped != groups:
+                groups = regrouped
+                runner.set_lanes(groups, moved)
+                st["lane_moves"] += len(moved)
             if done:
                 ready = list(self._harvest(runner, done, live, packs))
                 free.extend(done)
                 free.sort(reverse=True)
-                if not pending:
-                    st["row_moves"] += _compact(runner, live, free, started)
         if ready:
             yield ready
 
@@ -542,27 +657,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _bucket_for(rows: int, R: int) -> int:
-    n = R
-    while n // 2 >= rows:
+def _bucket_for(groups: int, most: int) -> int:
+    n = most
+    while n // 2 >= groups:
         n //= 2
     return n
-
-
-def _compact(runner: Runner, live: dict[int, int], free: list[int], started: dict[int, int]) -> int:
-    """Move live rows down into free lower rows, so the steps run over a smaller bucket. Returns the moves."""
-    moves = 0
-    while live and free and min(free) < max(live):
-        src, dst = max(live), min(free)
-        runner.move_row(src, dst)
-        runner.clear_row(src)
-        live[dst] = live.pop(src)
-        started[dst] = started.pop(src)
-        free.remove(dst)
-        free.append(src)
-        moves += 1
-    free.sort(reverse=True)
-    return moves
 
 
 def prefill_bytes_per_token(model: Any, longest: int) -> int:

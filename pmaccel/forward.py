@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pmaccel.invariant import KEYS_KWARG, is_invariant, key_lists, output_into
+from pmaccel.invariant import KEYS_KWARG, ROWS_KWARG, is_invariant, key_lists, output_into
 from pmaccel.layout import TokenMeta, additive_mask, allowed
 from pmaccel.slots import fold_mask, mask_groups
 
@@ -43,14 +43,15 @@ class ModelCall:
         return cls(model, mask, dtype, _cache_name(type(_base(model))))
 
     def __call__(self, input_ids, positions, query: TokenMeta, keys: TokenMeta, query_slot, cache, keep=None,
-                 select=None, into=None):
+                 select=None, into=None, kv_rows=None):
         """input_ids: [B, Q]; positions: [B, Q] or [B, Q, 3]; query meta [B, Q]; key meta [B, S] (every
         slot the cache will hold after this call); query_slot: [B, Q]; ``cache=None``: no KV cache (one
         full forward). Returns logits [B, Q', V] (Q' = len(keep) when ``keep`` selects query columns),
         or [E, V] when ``select = (rows [E], columns [E])`` picks single tokens: the output layer then
         runs on those E hidden states only. ``into``: a tensor of the logits' shape and dtype that the
         output layer writes them into where it can (the invariant kernels); the logits returned are
-        ``into`` itself then."""
+        ``into`` itself then. ``kv_rows`` [B]: the cache's row each batch row reads, in place (the invariant
+        attention; ``SlotCache.decode(..., in_place=True)``)."""
         seen = allowed(query, keys, query_slot, self.mask)  # [B, Q, S]
         mask = additive_mask(seen, self.dtype)  # [B, 1, Q, S]
         groups = mask_groups(self.model)
@@ -59,6 +60,8 @@ class ModelCall:
         kwargs: dict[str, Any] = {} if cache is None else {self.cache_name: cache}
         if is_invariant(self.model):  # each query's key list, built once for every layer
             kwargs[KEYS_KWARG] = key_lists(seen)
+            if kv_rows is not None:
+                kwargs[ROWS_KWARG] = kv_rows
         if keep is not None:
             kwargs["logits_to_keep"] = keep
         hook = None

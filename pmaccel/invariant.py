@@ -85,6 +85,7 @@ logger = logging.getLogger(__name__)
 
 INVARIANT_ATTENTION = "pmaccel_invariant"
 KEYS_KWARG = "pmaccel_keys"  # the compacted key lists of one forward, computed once for every layer
+ROWS_KWARG = "pmaccel_kv_rows"  # [B]: batch row b's queries read K/V row rows[b] of the cache (a decode step)
 BLOCK_K = 64  # the K block of every GEMM tiling: the order in which an output element sums its products
 # GEMM tilings (rows, columns, warps, pipeline stages): whatever the tile, an element's K products are summed
 # in blocks of BLOCK_K in one order (bit-identical results, checked on H200 by benchmarks/gemm_tiles.py)
@@ -342,13 +343,15 @@ if triton is not None:
     # the key lists' strides follow the step's query count and slot count: unspecialized, one compiled kernel
     # serves every shape (and can be compiled before the first one is known)
     @triton.jit(do_not_specialize=["B", "Q", "sib", "siq", "scb"])
-    def _attention_kernel(q, k, v, out, keys, count, scale, B, Q, G, D,
+    def _attention_kernel(q, k, v, out, keys, count, rows, scale, B, Q, G, D,
                           sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sob, soq, soh, sib, siq, scb,
                           PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                           CHUNK: tl.constexpr):
-        # one program per (query, row, KV head): the list's chunks one after the other
+        # one program per (query, row, KV head): the list's chunks one after the other; row b's keys are K/V
+        # row rows[b]
         qi = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)  # int64: a large KV memory passes 2**31 elements
+        kb = tl.load(rows + b).to(tl.int64)
         hk = tl.program_id(2)
         g = tl.arange(0, BG)
         d = tl.arange(0, BD)
@@ -362,7 +365,7 @@ if triton is not None:
         acc = tl.zeros((BG, BD), dtype=tl.float32)
         for c0 in range(0, n, CHUNK):
             m_c, l_c, acc_c = _attend_chunk(qt, k, v, keys + b * sib + qi * siq, scale, c0, tl.minimum(c0 + CHUNK, n),
-                                            b * skb, b * svb, hk * skh, hk * svh, sks, svs, d, dm,
+                                            kb * skb, kb * svb, hk * skh, hk * svh, sks, svs, d, dm,
                                             PRECISION, BG, BS, BD)
             m, total, acc = _merge_chunk(m, total, acc, m_c, l_c, acc_c)
         o = tl.where(total[:, None] > 0, acc / total[:, None], 0.0)
@@ -370,7 +373,7 @@ if triton is not None:
                  mask=gm[:, None] & dm[None, :])
 
     @triton.jit(do_not_specialize=["B", "Q", "sib", "siq", "scb", "CHUNKS"])
-    def _attention_chunks_kernel(q, k, v, part_m, part_l, part_acc, keys, count, scale, B, Q, G, D,
+    def _attention_chunks_kernel(q, k, v, part_m, part_l, part_acc, keys, count, rows, scale, B, Q, G, D,
                                  sqb, sqh, sqq, skb, skh, sks, svb, svh, svs, sib, siq, scb, CHUNKS,
                                  PRECISION: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                                  CHUNK: tl.constexpr):
@@ -388,8 +391,9 @@ if triton is not None:
             dm = d < D
             qt = tl.load(q + b * sqb + heads[:, None] * sqh + qi * sqq + d[None, :], mask=gm[:, None] & dm[None, :],
                          other=0.0)
+            kb = tl.load(rows + b).to(tl.int64)
             m_c, l_c, acc_c = _attend_chunk(qt, k, v, keys + b * sib + qi * siq, scale, c * CHUNK,
-                                            tl.minimum(c * CHUNK + CHUNK, n), b * skb, b * svb, hk * skh, hk * svh,
+                                            tl.minimum(c * CHUNK + CHUNK, n), kb * skb, kb * svb, hk * skh, hk * svh,
                                             sks, svs, d, dm, PRECISION, BG, BS, BD)
             at = ((b * Q + qi) * tl.num_programs(2) + tl.program_id(2)) * BG  # part_* [B, Q, H_kv * CHUNKS, BG(, BD)]
             tl.store(part_m + at + g, m_c)
@@ -885,11 +889,12 @@ def key_lists(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @_unmoded
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-              scale: float, *, split: bool | None = None,
+              scale: float, *, rows: torch.Tensor | None = None, split: bool | None = None,
               blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Each query over its own key list. query [B, H, Q, D]; key/value [B, H_kv, S, D]; keys [B, Q, >=n]
-    and count [B, Q] from ``key_lists`` -> [B, Q, H, D]. The G query heads that share a KV head are one
-    program (no K/V copy per head).
+    """Each query over its own key list. query [B, H, Q, D]; key/value [B', H_kv, S, D]; keys [B, Q, >=n]
+    and count [B, Q] from ``key_lists`` -> [B, Q, H, D]. Row b's queries read K/V row ``rows[b]`` ([B]
+    int64; default b itself): a decode step's lanes read their samples' rows of the KV memory in place.
+    The G query heads that share a KV head are one program (no K/V copy per head).
 
     A list is summed in chunks of ``KEY_CHUNK`` keys, each chunk in blocks (``ATTENTION_BLOCKS``), the chunks then
     merged in order. Few queries over long lists (a decode step of one sample: a program per query and KV
@@ -905,6 +910,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
     G = H // h_kv
     if not (B and Q):
         return out
+    if rows is None:
+        rows = torch.arange(B, device=query.device)
     bs, chunk, warps, stages = blocks or ATTENTION_BLOCKS[min(4, max(2, query.element_size()))]
     chunks = triton.cdiv(keys.shape[-1], chunk)
     if split is None:
@@ -915,7 +922,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
                    value.stride(0), value.stride(1), value.stride(2))
     if not split:
         _attention_kernel[(Q, B, h_kv)](
-            query, key, value, out, keys, count, scale, B, Q, G, D, *qkv_strides,
+            query, key, value, out, keys, count, rows, scale, B, Q, G, D, *qkv_strides,
             out.stride(0), out.stride(1), out.stride(2), keys.stride(0), keys.stride(1), count.stride(0),
             PRECISION=precision, BG=BG, BS=bs, BD=BD, CHUNK=chunk, num_warps=warps, num_stages=stages,
             enable_fp_fusion=False)
@@ -924,7 +931,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys:
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(B, Q, h_kv * chunks, BG, BD, dtype=torch.float32, device=query.device)
     _attention_chunks_kernel[(Q, B, h_kv * chunks)](
-        query, key, value, part_m, part_l, part_acc, keys, count, scale, B, Q, G, D, *qkv_strides,
+        query, key, value, part_m, part_l, part_acc, keys, count, rows, scale, B, Q, G, D, *qkv_strides,
         keys.stride(0), keys.stride(1), count.stride(0), chunks,
         PRECISION=precision, BG=BG, BS=bs, BD=BD, CHUNK=chunk, num_warps=warps, num_stages=stages,
         enable_fp_fusion=False)
@@ -938,18 +945,22 @@ def invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """``attention`` for transformers' ``AttentionInterface``: mask [B, 1, Q, S] additive (0 = allowed);
-    the key lists come with the forward's keyword arguments (``KEYS_KWARG``), else from the mask."""
+    the key lists come with the forward's keyword arguments (``KEYS_KWARG``), else from the mask. With
+    ``ROWS_KWARG`` (a decode step) key/value are the whole KV memory and batch row b reads its row rows[b]."""
+    rows = kwargs.pop(ROWS_KWARG, None)
     if attention_mask is None or kwargs.get("softcap") is not None or not query.is_cuda:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         kwargs.pop(KEYS_KWARG, None)
+        if rows is not None:
+            key, value = key[rows], value[rows]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, _, Q, D = query.shape
     lists = kwargs.get(KEYS_KWARG)
     if lists is None or tuple(lists[1].shape) != (B, Q):
         lists = key_lists(attention_mask[:, 0] == 0)
-    return attention(query, key, value, *lists, D**-0.5 if scaling is None else scaling), None
+    return attention(query, key, value, *lists, D**-0.5 if scaling is None else scaling, rows=rows), None
 
 
 AttentionInterface.register(INVARIANT_ATTENTION, invariant_attention)

@@ -4,10 +4,11 @@ the attention over it without copying K/V once per query head.
 A row of the pool holds one sample::
 
     slot  0 .. n-1                       the packed prompt (pos1d order)
-          n + k*G .. n + k*G + G-1       lane k's generated tokens (G = max_new_tokens)
+          n + k*G .. n + k*G + G-1       branch k's generated tokens (G = max_new_tokens)
           S-1                            scratch: lanes that do not go on write here (never valid)
 
-so where a token lives depends only on its own sample, never on the other rows.
+so where a token lives depends only on its own sample, never on the other rows or on the lane that
+runs the branch.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ class SlotCache:
     Duck-types the part of transformers' ``Cache`` that attention layers use (``update``). Before a
     forward the caller says where its tokens go:
 
-    - ``decode(rows, slots)``: the step's queries of rows ``0..n-1`` go to ``slots`` [n, K]; attention
-      runs over those rows' S slots (the mask decides what is seen);
+    - ``decode(rows, slots)``: the step's batch row j (its lanes, [n, C]) belongs to the sample of
+      KV row ``rows[j]``, its queries go to ``slots`` [n, C]; attention runs over that row's S slots (the
+      mask decides what is seen). ``in_place=True``: the attention reads the rows in the KV memory itself
+      (``invariant.ROWS_KWARG``), so the whole memory is returned; else a copy of the n rows;
     - ``prefill(rows, length)``: the prompts of ``rows`` [B] go to slots ``0..length-1``; a prompt
       attends only to itself, so attention runs over the new keys alone.
     """
@@ -113,11 +116,11 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []  # per layer [R, H_kv, S, D]
         self.values: list[torch.Tensor] = []
         self._target: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._read: torch.Tensor | None = None  # the KV rows a decode step's attention reads (None: all, in place)
 
-    def decode(self, slots: torch.Tensor) -> None:
-        n = slots.shape[0]
-        rows = torch.arange(n, device=slots.device)[:, None].expand_as(slots)  # [n, K]
-        self._target = ("decode", rows, slots)
+    def decode(self, rows: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> None:
+        self._target = ("decode", rows[:, None].expand_as(slots), slots)
+        self._read = None if in_place else rows
 
     def prefill(self, rows: torch.Tensor, length: int) -> None:
         slots = torch.arange(length, device=rows.device)[None, :].expand(rows.shape[0], length)  # [B, N]
@@ -138,12 +141,9 @@ class SlotCache:
             self.values[layer_idx][rows, :, slots] = value_states.transpose(1, 2)
         if kind == "prefill":
             return key_states, value_states
-        n = rows.shape[0]
-        return self.keys[layer_idx][:n], self.values[layer_idx][:n]
-
-    def move_row(self, src: int, dst: int) -> None:
-        for t in (*self.keys, *self.values):
-            t[dst] = t[src]
+        if self._read is None:
+            return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][self._read], self.values[layer_idx][self._read]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly

@@ -36,10 +36,12 @@ def _devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("columns", [None, 1], ids=["sample-rows", "lane-rows"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3"])
-def test_continuous_batching_equals_hf_generate_isolated(arch, ids_tokenizer):
+def test_continuous_batching_equals_hf_generate_isolated(arch, columns, ids_tokenizer):
     model = tiny_model(arch)
-    results = generate(model, ids_tokenizer, MORE, max_new_tokens=9, batch_size=3)
+    engine = Engine(model, EngineConfig(max_rows=3, columns=columns))
+    results = generate(model, ids_tokenizer, MORE, max_new_tokens=9, engine=engine)
     for s, r in zip(MORE, results, strict=True):
         for b, got in zip(s["branches"], r["output_ids"], strict=True):
             assert got == hf_generate(model, main_ids(s) + b["input_ids"], 9)
@@ -70,28 +72,36 @@ def test_a_sample_decodes_the_same_alone_and_in_any_pool(mask, align, sampled, i
     assert [r["output_ids"] for r in got] == [alone[i]["output_ids"] for i in shuffled]
     by_branches = generate(model, ids_tokenizer, MORE, batch_size=7, batch_by_samples=False, **kw)
     assert [r["output_ids"] for r in by_branches] == [r["output_ids"] for r in alone]
+    for lanes in (9, 64):  # a lane per batch row (as on a GPU): ended branches free their lanes for others
+        engine = Engine(model, EngineConfig(max_lanes=lanes, columns=1))
+        got = generate(model, ids_tokenizer, MORE, engine=engine, **kw)
+        assert [r["output_ids"] for r in got] == [r["output_ids"] for r in alone]
+        assert [r["finish_reasons"] for r in got] == [r["finish_reasons"] for r in alone]
 
 
-def test_repetition_penalty_in_a_pool_matches_hf(ids_tokenizer):
+@pytest.mark.parametrize("columns", [None, 1], ids=["sample-rows", "lane-rows"])
+def test_repetition_penalty_in_a_pool_matches_hf(columns, ids_tokenizer):
     model = tiny_model("llama")
-    results = generate(model, ids_tokenizer, MORE, max_new_tokens=8, repetition_penalty=1.8, batch_size=3)
+    engine = Engine(model, EngineConfig(max_rows=3, columns=columns))
+    results = generate(model, ids_tokenizer, MORE, max_new_tokens=8, repetition_penalty=1.8, engine=engine)
     for s, r in zip(MORE, results, strict=True):
         for b, got in zip(s["branches"], r["output_ids"], strict=True):
             assert got == hf_generate(model, main_ids(s) + b["input_ids"], 8, repetition_penalty=1.8)
 
 
-def test_rows_move_down_at_the_tail_and_results_stay(ids_tokenizer):
+@pytest.mark.parametrize("columns", [None, 1], ids=["sample-rows", "lane-rows"])
+def test_ended_branches_free_their_lanes_and_results_stay(columns, ids_tokenizer):
     model = tiny_model("llama")
     free = generate(model, ids_tokenizer, MORE, max_new_tokens=12)
-    # a stop id that ends some samples at once: later samples then start in higher rows while lower rows
-    # run on, and once nothing is pending the live rows move down into the freed ones
+    # a stop id that ends some branches early: the lanes of the branches still running move down over
+    # theirs, and the next samples take the room while the others' branches run on
     for stop in dict.fromkeys(ids[0] for r in free for ids in r["output_ids"]):
         kw = dict(max_new_tokens=12, stop_token_ids=[stop])
-        engine = Engine(model, EngineConfig(max_rows=3, sync_every=1))
+        engine = Engine(model, EngineConfig(max_lanes=8, columns=columns, sync_every=1))
         got = generate(model, ids_tokenizer, MORE, engine=engine, **kw)
-        if engine.stats["row_moves"]:
+        if engine.stats["lane_moves"]:
             break
-    assert engine.stats["row_moves"] > 0 and engine.stats["rows"] == 3
+    assert engine.stats["lane_moves"] > 0 and engine.stats["lanes"] <= 8
     alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(MORE)]
     assert [r["output_ids"] for r in got] == [r["output_ids"] for r in alone]
     assert [r["finish_reasons"] for r in got] == [r["finish_reasons"] for r in alone]

@@ -667,6 +667,24 @@ def test_attention_depends_only_on_the_keys_a_query_sees(split):
     assert torch.allclose(got[seen.any(-1)], ref.transpose(1, 2)[seen.any(-1)], atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_reads_the_given_kv_rows_in_place(split):
+    """Batch row b over KV row rows[b] of a larger memory (a decode step's lanes, several on one row): the
+    same bits as over a copy of those rows."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(3)
+    H, H_kv, D, S = 4, 2, 16, invariant.KEY_CHUNK + 40  # two chunks
+    k = torch.randn(5, H_kv, S, D, generator=g).to(dev)
+    v = torch.randn(5, H_kv, S, D, generator=g).to(dev)
+    rows = torch.tensor([3, 0, 3, 4, 1, 3], device=dev)
+    q = torch.randn(len(rows), H, 1, D, generator=g).to(dev)
+    seen = torch.rand(len(rows), 1, S, generator=g).to(dev) < 0.7
+    lists = invariant.key_lists(seen)
+    got = invariant.attention(q, k, v, *lists, D**-0.5, rows=rows, split=split)
+    copied = invariant.attention(q, k[rows], v[rows], *lists, D**-0.5, split=split)
+    assert torch.equal(got, copied)
+
+
 def test_key_lists_compact_the_mask_in_slot_order():
     seen = torch.tensor([[[True, False, True, True], [False, False, False, True]]])
     keys, count = invariant.key_lists(seen)

@@ -28,15 +28,20 @@ def test_grouped_sdpa_equals_sdpa_with_repeated_kv(monkeypatch, matmul_rows):
         assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_slot_cache_writes_the_given_slots_and_moves_rows():
+def test_slot_cache_writes_the_given_slots_and_reads_the_given_rows():
     cache = SlotCache(rows=3, max_slots=6)
     cache.prefill(torch.tensor([1]), 2)
     key = torch.arange(1 * 2 * 2 * 4, dtype=torch.float32).view(1, 2, 2, 4)  # [B, H_kv, Q, D]
     k, _ = cache.update(key, -key, layer_idx=0)
     assert torch.equal(k, key) and torch.equal(cache.keys[0][1, :, :2], key[0])
-    cache.decode(torch.tensor([[5], [3], [0]]))  # row r's query goes to slot slots[r]
-    step = torch.ones(3, 2, 1, 4)
+    # batch row j's query belongs to KV row rows[j] and goes to slot slots[j]
+    cache.decode(torch.tensor([2, 1, 0]), torch.tensor([[5], [3], [0]]))
+    step = torch.arange(3 * 2 * 1 * 4, dtype=torch.float32).view(3, 2, 1, 4)
     k, v = cache.update(step, step * 2, layer_idx=0)
-    assert k.shape == (3, 2, 6, 4) and torch.equal(k[0, :, 5], step[0, :, 0]) and torch.equal(v[1, :, 3], 2 * step[1, :, 0])
-    cache.move_row(1, 2)
-    assert torch.equal(cache.keys[0][2], cache.keys[0][1]) and torch.equal(cache.values[0][2], cache.values[0][1])
+    assert k.shape == (3, 2, 6, 4)  # a copy of the rows read, in batch order
+    assert torch.equal(k[0, :, 5], step[0, :, 0]) and torch.equal(cache.keys[0][2, :, 5], step[0, :, 0])
+    assert torch.equal(v[1, :, 3], 2 * step[1, :, 0]) and torch.equal(k[1, :, :2], key[0])  # row 1 kept its prompt
+    cache.decode(torch.tensor([1]), torch.tensor([[4]]), in_place=True)
+    k, v = cache.update(step[:1], step[:1], layer_idx=0)
+    assert k is cache.keys[0] and v is cache.values[0]  # the whole memory: the attention reads row 1 in place
+    assert torch.equal(cache.keys[0][1, :, 4], step[0, :, 0])
