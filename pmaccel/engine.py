@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from pmaccel.forward import ModelCall
@@ -274,33 +275,36 @@ class Runner:
                 gc.unfreeze()
 
     # ------------------------------------------------------------------ the lane table
-    def set_lanes(self, groups: Sequence[tuple[int, Sequence[int]]], moves: Sequence[tuple[int, int]] = ()) -> None:
-        """Lay out the lanes: ``groups`` in order, each (row, its branch positions k, at most C), a sample's
-        groups consecutive and its branches in order; the lanes after them run nothing. ``moves``: (from,
-        to) lane positions whose next-token logits go with their branch (a branch that changes lanes)."""
-        K, C, R = self.K, self.C, self.R
-        lane, first, group_row = [R * K] * self.L, list(range(self.L)), [R] * (self.L // C)
-        start = {}
-        for j, (row, ks) in enumerate(groups):
-            group_row[j] = row
-            begin = start.setdefault(row, j * C)
-            for c, k in enumerate(ks):
-                lane[j * C + c] = row * K + k
-                first[j * C + c] = begin
-        host = {"lane": torch.tensor(lane), "first": torch.tensor(first), "group_row": torch.tensor(group_row)}
-        if moves:
-            host["moves"] = torch.tensor(moves, dtype=torch.long)
+    def set_lanes(self, table: np.ndarray, moves: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Lay out the lanes: ``table`` [n] the branch (row * K + k) of each of the first n lanes, -1 for a lane
+        that runs nothing, in groups of C lanes of one sample (a sample's branches consecutive and in order);
+        the lanes after them run nothing. ``moves``: (from, to) lane positions whose next-token logits go with
+        their branch (the branches that change lanes)."""
+        K, C, R, n = self.K, self.C, self.R, len(table)
+        row = np.where(table >= 0, table // K, -1 - np.arange(n))  # each lane's row (a unique negative: none)
+        starts = np.ones(n, dtype=bool)
+        starts[1:] = row[1:] != row[:-1]
+        lane = np.full(self.L, R * K, dtype=np.int64)
+        lane[:n] = np.where(table >= 0, table, R * K)
+        first = np.arange(self.L, dtype=np.int64)
+        first[:n] = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        group_row = np.full(self.L // C, R, dtype=np.int64)
+        group_row[:n // C] = row[::C]  # a group's first lane runs a branch
+        host = {"lane": torch.from_numpy(lane), "first": torch.from_numpy(first),
+                "group_row": torch.from_numpy(group_row)}
+        if moves is not None and len(moves[0]):
+            host["moves"] = torch.from_numpy(np.stack(moves))
         d = self.upload(host)
-        if moves:
-            src, dst = d["moves"].unbind(1)
+        if "moves" in d:
+            src, dst = d["moves"]
             self.logits.index_copy_(0, dst, self.logits.index_select(0, src))
         self.lane.copy_(d["lane"])
         self.first.copy_(d["first"])
         self.group_row.copy_(d["group_row"])
 
-    def lane_active(self, m: int) -> list[bool]:
+    def lane_active(self, m: int) -> np.ndarray:
         """Whether each of the first m lanes still runs its branch (the host waits for the queued steps)."""
-        return _flat(self.state.active)[self.lane[:m]].tolist()
+        return _flat(self.state.active)[self.lane[:m]].cpu().numpy()
 
     # ------------------------------------------------------------------ admission
     def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -563,8 +567,8 @@ class Engine:
         free = list(range(runner.R - 1, -1, -1))  # pop() gives the lowest row
         live: dict[int, int] = {}  # row -> position in packs
         started: dict[int, int] = {}  # row -> the step its sample was admitted at
-        groups: list[tuple[int, list[int]]] = []  # the lane groups in lane order: (row, branch positions)
-        runner.set_lanes(groups)  # a run that stopped early left its lanes behind
+        table = np.zeros(0, dtype=np.int64)  # the branch of each lane in use (row * K + k; -1: none), in order
+        runner.set_lanes(table)  # a run that stopped early left its lanes behind
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
         budget = self.prefill_budget(max(p.num_tokens for p in packs))
         st["prefill_tokens"] = budget
@@ -573,7 +577,7 @@ class Engine:
         while pending or live:
             # admit: new samples into free rows and the free lanes after the running ones, when enough lanes are
             # free (or nothing runs); prefill in chunks
-            room = L // C - len(groups)
+            room = (L - len(table)) // C
             if (pending and free and need[pending[-1]] <= room
                     and (not live or room * C >= max(1, L // 8) or waiting <= room)):
                 t = time.perf_counter()
@@ -584,22 +588,25 @@ class Engine:
                     room -= need[pos]
                     waiting -= need[pos]
                 free.sort(reverse=True)
+                added, end = [table], len(table)
                 for chunk in _prefill_chunks(take, packs, budget):
                     rows, pos, lanes = [r for r, _ in chunk], [i for _, i in chunk], []
-                    for r, i in chunk:
-                        lanes.append(len(groups) * C)
+                    for r, i in chunk:  # a sample's branches on the next free lanes, each of its groups filled first
                         k_n = len(packs[i].branch_ids)
-                        groups.extend((r, list(range(k, min(k + C, k_n)))) for k in range(0, k_n, C))
+                        added.append(np.array([r * runner.K + k for k in range(k_n)] + [-1] * (need[i] * C - k_n)))
+                        lanes.append(end)
+                        end += need[i] * C
                     runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id, lanes)
                     live.update(chunk)
                     started.update((r, steps) for r in rows)
                     st["prefills"] += 1
-                runner.set_lanes(groups)
+                table = np.concatenate(added)
+                runner.set_lanes(table)
                 _sync(self.device)
                 st["prefill_s"] += time.perf_counter() - t
             # decode a few steps over the smallest bucket that holds every lane group
             t = time.perf_counter()
-            n = _bucket_for(len(groups), L // C)
+            n = _bucket_for(len(table) // C, L // C)
             # check again no later than the step at which the first live sample must end (max_new_tokens)
             count = max(1, min(sync, min(opts.max_new_tokens - (steps - started[r]) for r in live)))
             runner.run_steps(n, count)
@@ -610,27 +617,23 @@ class Engine:
                 yield ready
                 ready = []
                 t += time.perf_counter() - away
-            going = runner.lane_active(len(groups) * C)
+            going = runner.lane_active(len(table))
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
                 on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
             # the lanes whose branches ended are freed: the running ones move down, in order, over them
-            kept: dict[int, list[tuple[int, int]]] = {}  # row -> (lane, k) of its running branches
-            for j, (r, ks) in enumerate(groups):
-                kept.setdefault(r, []).extend((j * C + c, k) for c, k in enumerate(ks) if going[j * C + c])
-            done = [r for r in sorted(live) if not kept.get(r)]
-            moved, regrouped = [], []
-            for r, lanes_k in kept.items():
-                for g0 in range(0, len(lanes_k), C):
-                    part = lanes_k[g0:g0 + C]
-                    for c, (old, _) in enumerate(part):
-                        if old != len(regrouped) * C + c:
-                            moved.append((old, len(regrouped) * C + c))
-                    regrouped.append((r, [k for _, k in part]))
-            if regrouped != groups:
-                groups = regrouped
-                runner.set_lanes(groups, moved)
-                st["lane_moves"] += len(moved)
+            kept_at = np.flatnonzero(going & (table >= 0))
+            kept = table[kept_at]
+            alive = np.zeros(runner.R + 1, dtype=bool)
+            alive[kept // runner.K] = True
+            done = [r for r in sorted(live) if not alive[r]]
+            moved_to, size = _regroup(kept // runner.K, C)
+            if size != len(table) or not np.array_equal(moved_to, kept_at):
+                table = np.full(size, -1, dtype=np.int64)
+                table[moved_to] = kept
+                moving = moved_to != kept_at
+                runner.set_lanes(table, (kept_at[moving], moved_to[moving]))
+                st["lane_moves"] += int(moving.sum())
             if done:
                 ready = list(self._harvest(runner, done, live, packs))
                 free.extend(done)
@@ -662,6 +665,21 @@ def _bucket_for(groups: int, most: int) -> int:
     while n // 2 >= groups:
         n //= 2
     return n
+
+
+def _regroup(rows: np.ndarray, C: int) -> tuple[np.ndarray, int]:
+    """New lane positions for running branches whose rows, in lane order, are ``rows`` (a sample's consecutive):
+    each sample's from a group of C of its own, in order. Returns (positions, lanes in use)."""
+    n = len(rows)
+    if not n:
+        return np.zeros(0, dtype=np.int64), 0
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    at = np.flatnonzero(starts)
+    rank = np.arange(n) - np.repeat(at, np.diff(np.append(at, n)))  # rank among its sample's running branches
+    groups = -(-np.diff(np.append(at, n)) // C)  # groups per sample
+    first_group = np.concatenate([[0], np.cumsum(groups)[:-1]])
+    return np.repeat(first_group, np.diff(np.append(at, n))) * C + rank, int(groups.sum()) * C
 
 
 def prefill_bytes_per_token(model: Any, longest: int) -> int:

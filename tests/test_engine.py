@@ -4,6 +4,7 @@ transformers' ``generate`` per branch, and each sample decoded alone."""
 import random
 import types
 
+import numpy as np
 import pytest
 import torch
 from conftest import SAMPLES, hf_generate, ids_sample, main_ids, tiny_model
@@ -17,6 +18,7 @@ from pmaccel.engine import (
     _bucket_for,
     _buckets,
     _prefill_chunks,
+    _regroup,
     prefill_bytes_per_token,
 )
 from pmaccel.rope import patch_rope
@@ -89,7 +91,7 @@ def test_repetition_penalty_in_a_pool_matches_hf(columns, ids_tokenizer):
             assert got == hf_generate(model, main_ids(s) + b["input_ids"], 8, repetition_penalty=1.8)
 
 
-@pytest.mark.parametrize("columns", [None, 1], ids=["sample-rows", "lane-rows"])
+@pytest.mark.parametrize("columns", [None, 1, 3], ids=["sample-rows", "lane-rows", "3-lane-rows"])
 def test_ended_branches_free_their_lanes_and_results_stay(columns, ids_tokenizer):
     model = tiny_model("llama")
     free = generate(model, ids_tokenizer, MORE, max_new_tokens=12)
@@ -191,6 +193,19 @@ def test_small_prefill_chunks_decode_the_same(ids_tokenizer):
     alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(MORE)]
     engine = Engine(model, EngineConfig(prefill_tokens=12))
     assert generate(model, ids_tokenizer, MORE, engine=engine, **kw) == alone
+
+
+def test_running_branches_regroup_by_sample_in_order():
+    rows = np.array([4, 4, 4, 0, 7, 7, 7, 7, 7, 2])  # the rows of the running branches, in lane order
+    for C in (1, 2, 3, 5):
+        at, size = _regroup(rows, C)
+        expected, group = [], 0
+        for r in dict.fromkeys(rows.tolist()):  # each sample from a group of its own, its branches in order
+            n = int((rows == r).sum())
+            expected += [group * C + j for j in range(n)]
+            group += -(-n // C)
+        assert at.tolist() == expected and size == group * C
+    assert _regroup(np.zeros(0, dtype=np.int64), 2)[1] == 0
 
 
 def test_buckets_bound_the_number_of_step_shapes():
