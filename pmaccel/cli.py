@@ -87,7 +87,7 @@ def _main(argv: Sequence[str] | None) -> int:
             settings = parse_settings(argv[1:], prog="pmaccel score", description=SCORE_DESCRIPTION)
         else:
             settings = parse_settings(argv)
-        from pmaccel.run import keep_off_gpus, run_job
+        from pmaccel.run import end_process_group, keep_off_gpus, run_job
 
         if command:  # not in a caller's process: its GPUs stay its own
             keep_off_gpus(settings)
@@ -104,6 +104,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
             job = GenerateJob()
         records = run_job(settings, job, own_process=False)  # the process ends with the run: nothing to spare
+        if command:
+            end_process_group()
     except PMAccelError as e:
         # under a launcher every rank meets the same input error: the main one says it, once
         if int(os.environ.get("RANK", "0")) == 0:

@@ -141,13 +141,14 @@ def _rank_main(task: str, errors: str) -> int:
     """One started process: the pickled job, with the command's start-up; an input error goes back to
     the starting process, which says the main process's (or else the first rank's) once."""
     from pmaccel.cli import startup
-    from pmaccel.run import keep_off_gpus, run_job
+    from pmaccel.run import end_process_group, keep_off_gpus, run_job
 
     with startup():
         settings, job = pickle.loads(Path(task).read_bytes())  # imports the job's modules: after start-up began
         keep_off_gpus(settings)
         try:
             run_job(settings, job, own_process=False)
+            end_process_group()  # the process ends with the run
         except PMAccelError as e:
             Path(errors, f"{int(os.environ.get('RANK', '0'))}.pkl").write_bytes(pickle.dumps(e))
             return 2

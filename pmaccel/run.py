@@ -222,6 +222,18 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
         warmup.stop(side)  # a run that ended early
 
 
+def end_process_group() -> None:
+    """Take down this process's process group, where it is one of several and its run is over: the CLI's own
+    process calls this before it exits, so that NCCL's communicators end while the interpreter is whole rather
+    than in their destructors at exit (a rank could crash there, SIGSEGV, after a finished run). A caller's
+    program keeps its group (it may communicate after ``infer``), and accelerate leaves the group of
+    ``notebook_launcher``'s forked ranks alone."""
+    from accelerate.state import PartialState
+
+    if PartialState._shared_state and PartialState().num_processes > 1:
+        PartialState().destroy_process_group()
+
+
 def _imports_ahead() -> bool:
     """Whether this process has still to import transformers (seconds of a run's start-up). Only then does a side
     process gain time: it imports them and compiles the kernels meanwhile. A process that has imported them already

@@ -413,3 +413,57 @@ def test_bytecode_is_kept_in_the_cache_when_python_writes_none(tmp_path):
     py_compile.compile(source, cfile=str(package / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"))
     proc = _bytecode_probe(tmp_path, env)  # bytecode next to the sources: nothing changes
     assert proc.stdout.split() == ["None", "True"]
+
+
+def test_the_command_takes_its_process_group_down_and_a_caller_keeps_its_own(tmp_path, monkeypatch):
+    """The command's process ends with its run: it takes its process group down first (``end_process_group``);
+    ``main(flags)`` in a program leaves the program's group alone."""
+    from pmaccel import cli, run, warmup
+
+    ended = []
+    monkeypatch.setattr(run, "run_job", lambda settings, job, own_process=None: None)
+    monkeypatch.setattr(run, "end_process_group", lambda: ended.append(True))
+    monkeypatch.setattr(warmup, "start", lambda settings: None)
+    flags = ["--data_path", str(tmp_path / "rows.jsonl"), "--out_path", str(tmp_path / "o.jsonl")]
+    monkeypatch.setattr(sys, "argv", ["pmaccel", *flags])
+    assert cli._main(None) == 0 and ended == [True]
+    assert cli._main(flags) == 0 and ended == [True]
+
+
+END_GROUP = """
+import os, sys
+import torch.distributed as dist
+from accelerate import PartialState
+from pmaccel.run import end_process_group
+PartialState(cpu=True)
+assert dist.is_initialized() and PartialState().num_processes == 2
+end_process_group()
+print(dist.is_initialized())
+"""
+
+
+def test_end_process_group_takes_a_group_of_several_down(tmp_path):
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
+    port = str(29500 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, "-c", END_GROUP], env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
+                                                                     "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                                     "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip().splitlines()[-1] for o, _ in outs] == ["False", "False"], outs
+
+
+def test_a_started_process_takes_its_process_group_down(tmp_path, monkeypatch):
+    """A process that ``--num_processes`` started (``launch._rank_main``) ends with its run, as the command does."""
+    import pickle
+
+    from pmaccel import launch, run
+
+    ended = []
+    monkeypatch.setattr(run, "run_job", lambda settings, job, own_process=None: None)
+    monkeypatch.setattr(run, "end_process_group", lambda: ended.append(True))
+    monkeypatch.setattr(run, "keep_off_gpus", lambda settings: None)
+    task = tmp_path / "task.pkl"
+    task.write_bytes(pickle.dumps((Settings(data_path=str(tmp_path / "rows.jsonl")), None)))
+    assert launch._rank_main(str(task), str(tmp_path)) == 0 and ended == [True]
