@@ -112,6 +112,9 @@ class State:
         state.index.fill_(-1)
         return state
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys.astuple(), *(getattr(self, f.name) for f in dataclasses.fields(self)[1:])]
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """[R, K, ...] -> [R*K, ...]: per-branch state addressed by row * K + k (a lane's branch)."""
@@ -193,7 +196,9 @@ class Runner:
     A lane runs one branch; the lane table (``lane``) says which, as row * K + k. Lanes come in groups of C
     that belong to one sample (``group_row``: its row), the batch rows of the step's forward: with C = 1
     every lane is a batch row of its own and the attention reads each lane's KV row in place; with C = K a
-    sample's branches share one batch row, as in a packed sequence. Lanes that run nothing point at row R.
+    sample's branches share one batch row, as in a packed sequence, and its row is its group's index
+    (``in_order``: the rows move down with their groups, so that the attention reads the first n rows as
+    they lie). Lanes that run nothing point at row R.
     """
 
     def __init__(self, model: Any, opts: Any, R: int, K: int, S: int, W: int, graphs: bool,
@@ -202,6 +207,8 @@ class Runner:
         self.opts, self.R, self.K, self.S = opts, R, K, S
         self.C = columns or K
         self.L = max(lanes or R * K, K) // self.C * self.C
+        self.in_order = self.C == K  # one group per sample, in its row's place
+        self.groups = R if self.in_order else self.L // self.C  # the most lane groups a step runs over
         device = next(model.parameters()).device
         V = model.get_output_embeddings().weight.shape[0]
         self.state = State.empty(R + 1, K, S, opts.max_new_tokens, W, device)
@@ -234,7 +241,7 @@ class Runner:
         keys = TokenMeta(*(t[group_row] for t in s.keys.astuple()))  # [n, S]: each batch row's sample's slots
         grid = lambda t: t.view(n, C, *t.shape[1:])  # noqa: E731  [m, ...] -> [n, C, ...]
         in_place = is_invariant(self.call.model)
-        self.cache.decode(group_row, grid(slots), in_place=in_place)
+        self.cache.decode(group_row, grid(slots), in_place=in_place, in_order=self.in_order)
         into = grid(self.logits[:m])
         logits = self.call(grid(ids), grid(positions), TokenMeta(*map(grid, query.astuple())), keys, grid(slots),
                            self.cache, into=into, kv_rows=group_row if in_place else None)
@@ -289,7 +296,10 @@ class Runner:
         first = np.arange(self.L, dtype=np.int64)
         first[:n] = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
         group_row = np.full(self.L // C, R, dtype=np.int64)
-        group_row[:n // C] = row[::C]  # a group's first lane runs a branch
+        if self.in_order:
+            group_row[:R] = np.arange(R)
+        else:
+            group_row[:n // C] = row[::C]  # a group's first lane runs a branch
         host = {"lane": torch.from_numpy(lane), "first": torch.from_numpy(first),
                 "group_row": torch.from_numpy(group_row)}
         if moves is not None and len(moves[0]):
@@ -301,6 +311,13 @@ class Runner:
         self.lane.copy_(d["lane"])
         self.first.copy_(d["first"])
         self.group_row.copy_(d["group_row"])
+
+    def move_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Samples from rows ``src`` to rows ``dst`` (their K/V and their branches' state)."""
+        d = self.upload({"src": torch.tensor(src), "dst": torch.tensor(dst)})
+        for t in self.state.tensors():
+            t.index_copy_(0, d["dst"], t.index_select(0, d["src"]))
+        self.cache.move_rows(d["src"], d["dst"])
 
     def lane_active(self, m: int) -> np.ndarray:
         """Whether each of the first m lanes still runs its branch (the host waits for the queued steps)."""
@@ -446,7 +463,7 @@ class Engine:
 
     def _reset_stats(self) -> None:
         self.stats = dict(steps=0, capture_s=0.0, prefill_s=0.0, decode_s=0.0, prefills=0, rows=0, lanes=0,
-                          slots=0, samples=0, generated_tokens=0, graphs=0, lane_moves=0, prefill_tokens=0)
+                          slots=0, samples=0, generated_tokens=0, graphs=0, lane_moves=0, row_moves=0, prefill_tokens=0)
 
     def release(self) -> None:
         """Free the KV memory, buffers and graphs (the OOM back-off calls this before retrying smaller)."""
@@ -517,7 +534,7 @@ class Engine:
         t = time.perf_counter()
         runner = Runner(self.model, opts, R, K, S, W, graphs, lanes=L, columns=C)
         if graphs:
-            runner.capture(_buckets(runner.L // runner.C))
+            runner.capture(_buckets(runner.groups))
         self.stats["capture_s"] += time.perf_counter() - t
         self.runner, self._runner_key = runner, (opts, graphs)
         return runner
@@ -588,25 +605,27 @@ class Engine:
                     room -= need[pos]
                     waiting -= need[pos]
                 free.sort(reverse=True)
-                added, end = [table], len(table)
+                # each sample's branches on the next free lanes, its groups filled in turn (in order, rows lowest
+                # first: with one group per sample, group r is row r)
+                added, lanes, end = [table], {}, len(table)
+                for r, i in take:
+                    k_n = len(packs[i].branch_ids)
+                    added.append(np.array([r * runner.K + k for k in range(k_n)] + [-1] * (need[i] * C - k_n)))
+                    lanes[r], end = end, end + need[i] * C
+                table = np.concatenate(added)
                 for chunk in _prefill_chunks(take, packs, budget):
-                    rows, pos, lanes = [r for r, _ in chunk], [i for _, i in chunk], []
-                    for r, i in chunk:  # a sample's branches on the next free lanes, each of its groups filled first
-                        k_n = len(packs[i].branch_ids)
-                        added.append(np.array([r * runner.K + k for k in range(k_n)] + [-1] * (need[i] * C - k_n)))
-                        lanes.append(end)
-                        end += need[i] * C
-                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id, lanes)
+                    rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
+                    runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id,
+                                   [lanes[r] for r in rows])
                     live.update(chunk)
                     started.update((r, steps) for r in rows)
                     st["prefills"] += 1
-                table = np.concatenate(added)
                 runner.set_lanes(table)
                 _sync(self.device)
                 st["prefill_s"] += time.perf_counter() - t
             # decode a few steps over the smallest bucket that holds every lane group
             t = time.perf_counter()
-            n = _bucket_for(len(table) // C, L // C)
+            n = _bucket_for(len(table) // C, runner.groups)
             # check again no later than the step at which the first live sample must end (max_new_tokens)
             count = max(1, min(sync, min(opts.max_new_tokens - (steps - started[r]) for r in live)))
             runner.run_steps(n, count)
@@ -622,22 +641,37 @@ class Engine:
             if on_step is not None:
                 on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
             # the lanes whose branches ended are freed: the running ones move down, in order, over them
+            K = runner.K
             kept_at = np.flatnonzero(going & (table >= 0))
             kept = table[kept_at]
             alive = np.zeros(runner.R + 1, dtype=bool)
-            alive[kept // runner.K] = True
+            alive[kept // K] = True
             done = [r for r in sorted(live) if not alive[r]]
-            moved_to, size = _regroup(kept // runner.K, C)
-            if size != len(table) or not np.array_equal(moved_to, kept_at):
-                table = np.full(size, -1, dtype=np.int64)
-                table[moved_to] = kept
+            if done:
+                ready = list(self._harvest(runner, done, live, packs))  # read out before any row moves
+            if runner.in_order:  # one group per sample, in its row's place: the samples move down with it
+                order = np.unique(kept // K)  # the live rows, ascending (= lane order)
+                new_row = np.searchsorted(order, kept // K)
+                src = [int(r) for j, r in enumerate(order) if r != j]
+                if src:
+                    dst = [j for j, r in enumerate(order) if r != j]
+                    runner.move_rows(src, dst)
+                    runner.clear_row(torch.tensor(sorted(set(src) - set(dst)), device=self.device, dtype=torch.long))
+                    for r, j in zip(src, dst):
+                        live[j], started[j] = live.pop(r), started.pop(r)
+                    st["row_moves"] += len(src)
+                kept, moved_to, size = new_row * K + kept % K, new_row * C + kept % K, len(order) * C
+                free = list(range(runner.R - 1, len(order) - 1, -1))
+            else:
+                moved_to, size = _regroup(kept // K, C)
+                free = sorted(free + done, reverse=True)
+            new = np.full(size, -1, dtype=np.int64)
+            new[moved_to] = kept
+            if not np.array_equal(new, table):
                 moving = moved_to != kept_at
+                table = new
                 runner.set_lanes(table, (kept_at[moving], moved_to[moving]))
                 st["lane_moves"] += int(moving.sum())
-            if done:
-                ready = list(self._harvest(runner, done, live, packs))
-                free.extend(done)
-                free.sort(reverse=True)
         if ready:
             yield ready
 

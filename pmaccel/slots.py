@@ -106,7 +106,8 @@ class SlotCache:
     - ``decode(rows, slots)``: the step's batch row j (its lanes, [n, C]) belongs to the sample of
       KV row ``rows[j]``, its queries go to ``slots`` [n, C]; attention runs over that row's S slots (the
       mask decides what is seen). ``in_place=True``: the attention reads the rows in the KV memory itself
-      (``invariant.ROWS_KWARG``), so the whole memory is returned; else a copy of the n rows;
+      (``invariant.ROWS_KWARG``), so the whole memory is returned; ``rows`` 0..n-1 in order
+      (``in_order=True``): a view of them; else a copy of the n rows;
     - ``prefill(rows, length)``: the prompts of ``rows`` [B] go to slots ``0..length-1``; a prompt
       attends only to itself, so attention runs over the new keys alone.
     """
@@ -118,9 +119,9 @@ class SlotCache:
         self._target: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self._read: torch.Tensor | None = None  # the KV rows a decode step's attention reads (None: all, in place)
 
-    def decode(self, rows: torch.Tensor, slots: torch.Tensor, in_place: bool = False) -> None:
+    def decode(self, rows: torch.Tensor, slots: torch.Tensor, in_place: bool = False, in_order: bool = False) -> None:
         self._target = ("decode", rows[:, None].expand_as(slots), slots)
-        self._read = None if in_place else rows
+        self._read = None if in_place else slice(0, len(rows)) if in_order else rows
 
     def prefill(self, rows: torch.Tensor, length: int) -> None:
         slots = torch.arange(length, device=rows.device)[None, :].expand(rows.shape[0], length)  # [B, N]
@@ -144,6 +145,11 @@ class SlotCache:
         if self._read is None:
             return self.keys[layer_idx], self.values[layer_idx]
         return self.keys[layer_idx][self._read], self.values[layer_idx][self._read]
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Rows ``src`` to rows ``dst`` (any order: the sources are read first)."""
+        for t in (*self.keys, *self.values):
+            t.index_copy_(0, dst, t.index_select(0, src))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly

@@ -45,3 +45,9 @@ def test_slot_cache_writes_the_given_slots_and_reads_the_given_rows():
     k, v = cache.update(step[:1], step[:1], layer_idx=0)
     assert k is cache.keys[0] and v is cache.values[0]  # the whole memory: the attention reads row 1 in place
     assert torch.equal(cache.keys[0][1, :, 4], step[0, :, 0])
+    cache.decode(torch.tensor([0, 1]), torch.tensor([[1], [2]]), in_order=True)
+    k, _ = cache.update(step[:2], step[:2], layer_idx=0)
+    assert k.shape == (2, 2, 6, 4) and k.data_ptr() == cache.keys[0].data_ptr()  # rows 0..n-1 as they lie
+    before = cache.keys[0].clone()
+    cache.move_rows(torch.tensor([2, 0]), torch.tensor([0, 2]))  # a swap: the sources are read first
+    assert torch.equal(cache.keys[0][0], before[2]) and torch.equal(cache.keys[0][2], before[0])
