@@ -288,18 +288,19 @@ class Runner:
         the lanes after them run nothing. ``moves``: (from, to) lane positions whose next-token logits go with
         their branch (the branches that change lanes)."""
         K, C, R, n = self.K, self.C, self.R, len(table)
-        row = np.where(table >= 0, table // K, -1 - np.arange(n))  # each lane's row (a unique negative: none)
-        starts = np.ones(n, dtype=bool)
-        starts[1:] = row[1:] != row[:-1]
+        real = np.flatnonzero(table >= 0)
+        row = np.full(n, R, dtype=np.int64)  # each lane's row (R: none)
+        row[real] = table[real] // K
         lane = np.full(self.L, R * K, dtype=np.int64)
-        lane[:n] = np.where(table >= 0, table, R * K)
-        first = np.arange(self.L, dtype=np.int64)
-        first[:n] = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        lane[real] = table[real]
+        first = np.arange(self.L, dtype=np.int64)  # a sample's lanes may have ended ones among them
+        rows, at = np.unique(row[real], return_index=True)
+        first[real] = real[at][np.searchsorted(rows, row[real])]
         group_row = np.full(self.L // C, R, dtype=np.int64)
         if self.in_order:
             group_row[:R] = np.arange(R)
         else:
-            group_row[:n // C] = row[::C]  # a group's first lane runs a branch
+            group_row[:n // C] = row.reshape(-1, C).min(1)  # a group's lanes are one sample's
         host = {"lane": torch.from_numpy(lane), "first": torch.from_numpy(first),
                 "group_row": torch.from_numpy(group_row)}
         if moves is not None and len(moves[0]):
