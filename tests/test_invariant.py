@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -683,6 +684,23 @@ def test_attention_reads_the_given_kv_rows_in_place(split):
     got = invariant.attention(q, k, v, *lists, D**-0.5, rows=rows, split=split)
     copied = invariant.attention(q, k[rows], v[rows], *lists, D**-0.5, split=split)
     assert torch.equal(got, copied)
+
+
+def test_the_attention_that_falls_back_reads_the_given_kv_rows_too():
+    """Where the invariant kernel does not run (here: CPU tensors; also soft-capped attention), the layer's
+    attention with a decode step's KV rows reads a copy of those rows: the result of sdpa over them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(4)
+    H, H_kv, D, S = 4, 2, 8, 12
+    k, v = torch.randn(5, H_kv, S, D, generator=g), torch.randn(5, H_kv, S, D, generator=g)
+    rows = torch.tensor([3, 0, 3])
+    q = torch.randn(3, H, 1, D, generator=g)
+    mask = torch.where(torch.rand(3, 1, 1, S, generator=g) < 0.7, 0.0, torch.finfo(torch.float32).min)
+    module = types.SimpleNamespace(is_causal=False, num_key_value_groups=H // H_kv)
+    got, _ = invariant.invariant_attention(module, q, k, v, mask, **{invariant.ROWS_KWARG: rows})
+    ref, _ = sdpa_attention_forward(module, q, k[rows], v[rows], mask)
+    assert torch.equal(got, ref)
 
 
 def test_key_lists_compact_the_mask_in_slot_order():
