@@ -57,7 +57,7 @@ class EngineConfig:
         columns: lanes per batch row of a step (``None``: 1 where the attention reads the KV memory in place,
             the invariant kernels, so that a branch that ends frees its lane; else a sample's branch count).
         graphs: capture the step as CUDA graphs (``None``: on CUDA).
-        sync_every: steps between host checks for finished samples.
+        sync_every: steps between host checks for ended branches (their lanes freed) and finished samples.
         prefill_tokens: most padded prompt tokens in one prefill forward (``None``: ``PREFILL_TOKENS``, on
             CUDA as many as half the free memory holds, ``prefill_bytes_per_token``).
         memory_fraction: share of the free device memory the pool (KV slots and logits) may take.
@@ -238,7 +238,8 @@ class Runner:
         going, ngen = record(s, f, tok, active, ngen, self.is_stop, opts.max_new_tokens)
         ids, positions, query, slots = step_inputs(s, f, self.first[:m], tok, going, ngen, self.S - 1, opts.rope_2d)
         group_row = self.group_row[:n]
-        keys = TokenMeta(*(t[group_row] for t in s.keys.astuple()))  # [n, S]: each batch row's sample's slots
+        # [n, S]: each batch row's sample's slots (rows 0..n-1 as they lie where rows follow their groups)
+        keys = TokenMeta(*(t[:n] if self.in_order else t[group_row] for t in s.keys.astuple()))
         grid = lambda t: t.view(n, C, *t.shape[1:])  # noqa: E731  [m, ...] -> [n, C, ...]
         in_place = is_invariant(self.call.model)
         self.cache.decode(group_row, grid(slots), in_place=in_place, in_order=self.in_order)
@@ -485,6 +486,7 @@ class Engine:
         if self.device.type == "cuda":
             V = self.model.get_output_embeddings().weight.shape[0]
             itemsize = next(self.model.parameters()).element_size()
+            # K/V and 18 bytes of metadata per slot; per branch its outputs, history and ten int64 fields
             per_row = S * kv_bytes_per_slot(self.model) + S * 18 + K * (W + opts.max_new_tokens + 10) * 8
             free, _ = torch.cuda.mem_get_info(self.device)
             free = free * cfg.memory_fraction - L * V * (itemsize + 8)  # the lanes' logits, the step's scores

@@ -444,7 +444,9 @@ print(dist.is_initialized())
 
 def test_end_process_group_takes_a_group_of_several_down(tmp_path):
     env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
-    port = str(29500 + os.getpid() % 1000)
+    from pmaccel.launch import _free_port
+
+    port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, "-c", END_GROUP], env={**env, "RANK": str(r), "LOCAL_RANK": str(r),
                                                                      "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                                                      "MASTER_PORT": port},
