@@ -9,6 +9,7 @@ Every forward gets its positions and a custom 4D mask; nothing is left in the mo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,8 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from pmaccel.engine import Engine, EngineConfig
 from pmaccel.errors import PMAccelError
-from pmaccel.layout import PackedSample
-from pmaccel.request import LAYOUT_SETTINGS, Layout, check_call, pack_request, stop_ids
+from pmaccel.layout import PackOnRead, pack_sample
+from pmaccel.request import LAYOUT_SETTINGS, Layout, check_call, stop_ids, tokenize_request
 from pmaccel.sampling import make_processors
 from pmaccel.settings import default
 
@@ -158,13 +159,16 @@ def decode_stream(model: Any, tokenizer: Any, samples: Sequence[Mapping[str, Any
         processors=make_processors(temperature, top_p, top_k, repetition_penalty, greedy),
         seed=lay.seed,
     )
-    packs: list[PackedSample] = [pack_request(s, tokenizer, lay, i)[1] for i, s in zip(indices, samples)]
+    tokenized = [tokenize_request(s, tokenizer, lay, i) for i, s in zip(indices, samples)]
     vocab = model.get_input_embeddings().num_embeddings
-    for i, p in zip(indices, packs):
-        if p.num_tokens and not 0 <= int(p.input_ids.min()) <= int(p.input_ids.max()) < vocab:
-            bad = next(int(t) for t in p.input_ids if not 0 <= int(t) < vocab)
+    for i, ts in zip(indices, tokenized):
+        ids = [*ts.branches, ts.main] if ts.main else ts.branches  # a branch has tokens; main may have none
+        if not 0 <= min(map(min, ids)) <= max(map(max, ids)) < vocab:
+            bad = next(int(t) for t in itertools.chain(ts.main, *ts.branches) if not 0 <= int(t) < vocab)
             raise PMAccelError(f"sample {i}: input_ids: token id {bad} is outside the model's vocabulary "
                                f"(0..{vocab - 1}); give ids of this model's tokenizer")
+    # packed as the engine admits them (the next ones while the device runs its steps)
+    packs = PackOnRead(tokenized, lambda pos, ts: pack_sample(ts, **lay.pack_kwargs(indices[pos])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     own = engine is None
     if engine is None:

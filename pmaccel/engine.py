@@ -3,7 +3,8 @@
     Engine      what the caller holds: its configuration, the runners it built, ``stats``, ``release()``
     Scheduler   (``Engine.run``) which pending samples enter which free rows and lanes, when the lanes of
                 ended branches are freed, how many lanes the next steps run over; finished samples reach
-                the caller while the device runs the steps queued after them
+                the caller, and the next pending samples are packed (``PackOnRead``), while the device runs
+                the steps queued after them
     Runner      the device side: static buffers for R rows x S key slots (the KV memory, ``SlotCache``)
                 and per-branch state, L lanes and their table, the step, one CUDA graph per lane bucket
 
@@ -33,7 +34,7 @@ import torch
 
 from pmaccel.forward import ModelCall
 from pmaccel.invariant import ModePlan, compile_ahead, invariant_mode, is_invariant, resolve
-from pmaccel.layout import PackedSample, TokenMeta, collate, stack_positions
+from pmaccel.layout import PackedSample, PackOnRead, TokenMeta, collate, stack_positions
 from pmaccel.model import text_config
 from pmaccel.sampling import draw, uniforms
 from pmaccel.slots import SlotCache, grouped_attention, kv_bytes_per_slot
@@ -514,13 +515,14 @@ class Engine:
                     and getattr(text_config(self.model), "attn_logit_softcapping", None) is None)
         return 1 if in_place else K
 
-    def _runner(self, packs: Sequence[PackedSample], opts: Any) -> Runner:
+    def _runner(self, packs: Sequence[PackedSample], opts: Any, tokens: np.ndarray, branches: np.ndarray) -> Runner:
         G = opts.max_new_tokens
-        K = max(len(p.branch_ids) for p in packs)
-        need = max(p.num_tokens + len(p.branch_ids) * G for p in packs) + 1  # + the scratch slot
+        K = int(branches.max())
+        need = int((tokens + branches * G).max()) + 1  # + the scratch slot
         S = -(-need // SLOT_ROUND) * SLOT_ROUND
         W = 0
         if opts.processors and any(type(p).__name__ == "RepetitionPenaltyLogitsProcessor" for p in opts.processors):
+            # each branch's history (main + its own tokens): this packs every sample now
             W = max(int(((p.branch == b) | p.is_main).sum()) for p in packs for b in p.branch_ids) + G
         old = self.runner
         C = self.columns(K if old is None else max(K, old.K))
@@ -548,7 +550,8 @@ class Engine:
         """Decode ``packs`` (``indices``: their global sample indices); yields each sample as it finishes.
 
         Args:
-            packs: the packed prompts.
+            packs: the packed prompts (a ``PackOnRead`` packs each as it is admitted, the next ones while the
+                device runs the steps before).
             indices: each sample's global index (seeds its sampling RNG).
             opts: a ``pmaccel.decode.DecodeOptions``.
             pad_id: the id that pads prompts in a prefill batch.
@@ -557,7 +560,8 @@ class Engine:
         """
         if not packs:
             return
-        batches = self._run(list(packs), list(indices), opts, pad_id, on_step)
+        packs = packs if isinstance(packs, PackOnRead) else list(packs)  # packed as they are admitted, or now
+        batches = self._run(packs, list(indices), opts, pad_id, on_step)
         plan = None  # what the invariant mode finds in the model on its first entry, reused by the others
         while True:
             # the engine's own modes hold only while its code runs, not while the caller handles results
@@ -575,14 +579,17 @@ class Engine:
         return grouped_attention(self.model)
 
     def _run(self, packs, indices, opts, pad_id, on_step) -> Iterator[list[Result]]:
-        runner = self._runner(packs, opts)
+        tokens, branches = _sizes(packs)
+        runner = self._runner(packs, opts, tokens, branches)
         st, cfg = self.stats, self.config
         C, L = runner.C, runner.L
         st.update(rows=runner.R, lanes=L, slots=runner.S, graphs=len(runner.graphs))
         # longest first: the tail of the run holds the short ones
-        pending = sorted(range(len(packs)), key=lambda i: -(packs[i].num_tokens + len(packs[i].branch_ids)))
+        size = (tokens + branches).tolist()
+        pending = sorted(range(len(packs)), key=lambda i: -size[i])
         pending.reverse()  # pop() from the end
-        need = [-(-len(p.branch_ids) // C) for p in packs]  # lane groups a sample takes
+        branches = branches.tolist()
+        need = [-(-k // C) for k in branches]  # lane groups a sample takes
         waiting = sum(need)  # lane groups of the pending samples
         free = list(range(runner.R - 1, -1, -1))  # pop() gives the lowest row
         live: dict[int, int] = {}  # row -> position in packs
@@ -590,7 +597,9 @@ class Engine:
         table = np.zeros(0, dtype=np.int64)  # the branch of each lane in use (row * K + k; -1: none), in order
         runner.set_lanes(table)  # a run that stopped early left its lanes behind
         sync = 1 if on_step is not None else max(1, cfg.sync_every)
-        budget = self.prefill_budget(max(p.num_tokens for p in packs))
+        budget = self.prefill_budget(int(tokens.max()))
+        tokens = tokens.tolist()
+        ahead = packs.prepare if isinstance(packs, PackOnRead) else None
         st["prefill_tokens"] = budget
         steps = 0
         ready: list[Result] = []  # harvested, handed to the caller once the next steps are queued
@@ -612,11 +621,11 @@ class Engine:
                 # first: with one group per sample, group r is row r)
                 added, lanes, end = [table], {}, len(table)
                 for r, i in take:
-                    k_n = len(packs[i].branch_ids)
+                    k_n = branches[i]
                     added.append(np.array([r * runner.K + k for k in range(k_n)] + [-1] * (need[i] * C - k_n)))
                     lanes[r], end = end, end + need[i] * C
                 table = np.concatenate(added)
-                for chunk in _prefill_chunks(take, packs, budget):
+                for chunk in _prefill_chunks(take, tokens, branches, budget):
                     rows, pos = [r for r, _ in chunk], [i for _, i in chunk]
                     runner.prefill([packs[i] for i in pos], rows, [indices[i] for i in pos], pad_id,
                                    [lanes[r] for r in rows])
@@ -634,6 +643,8 @@ class Engine:
             runner.run_steps(n, count)
             steps += count
             st["steps"] += count
+            if ahead is not None:  # the samples the next admissions take, packed while the device runs the steps
+                ahead(_next_up(pending, need, max(1, runner.groups // 4)))
             if ready:  # the caller handles these (text, output files) while the device runs the queued steps
                 away = time.perf_counter()
                 yield ready
@@ -642,7 +653,7 @@ class Engine:
             going = runner.lane_active(len(table))
             st["decode_s"] += time.perf_counter() - t
             if on_step is not None:
-                on_step(steps, [_partial(runner, r, indices[i], len(packs[i].branch_ids)) for r, i in sorted(live.items())])
+                on_step(steps, [_partial(runner, r, indices[i], branches[i]) for r, i in sorted(live.items())])
             # the lanes whose branches ended are freed: the running ones move down, in order, over them
             K = runner.K
             kept_at = np.flatnonzero(going & (table >= 0))
@@ -651,7 +662,7 @@ class Engine:
             alive[kept // K] = True
             done = [r for r in sorted(live) if not alive[r]]
             if done:
-                ready = list(self._harvest(runner, done, live, packs))  # read out before any row moves
+                ready = list(self._harvest(runner, done, live, branches))  # read out before any row moves
             if runner.in_order:  # one group per sample, in its row's place: the samples move down with it
                 order = np.unique(kept // K)  # the live rows, ascending (= lane order)
                 new_row = np.searchsorted(order, kept // K)
@@ -678,18 +689,37 @@ class Engine:
         if ready:
             yield ready
 
-    def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], packs) -> Iterator[Result]:
+    def _harvest(self, runner: Runner, done: list[int], live: dict[int, int], branches: list[int]) -> Iterator[Result]:
         s = runner.state
         r = torch.tensor(done, device=s.out.device)
         out, ngen, finish = s.out[r].tolist(), s.ngen[r].tolist(), s.finish[r].tolist()
         runner.clear_row(r)
         for j, row in enumerate(done):
             pos = live.pop(row)
-            k_n = len(packs[pos].branch_ids)
+            k_n = branches[pos]
             ids = [out[j][k][: ngen[j][k]] for k in range(k_n)]
             self.stats["samples"] += 1
             self.stats["generated_tokens"] += sum(map(len, ids))
             yield Result(pos, ids, [FINISH_REASONS[finish[j][k]] for k in range(k_n)])
+
+
+def _sizes(packs: Sequence[PackedSample]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's prompt tokens and branches (a ``PackOnRead``'s without packing them)."""
+    if isinstance(packs, PackOnRead):
+        return packs.sizes()
+    return (np.array([p.num_tokens for p in packs], dtype=np.int64),
+            np.array([len(p.branch_ids) for p in packs], dtype=np.int64))
+
+
+def _next_up(pending: list[int], need: list[int], groups: int) -> list[int]:
+    """The pending samples next in line (``pending`` pops from its end) that take ``groups`` lane groups."""
+    out, taken = [], 0
+    for pos in reversed(pending):
+        if taken >= groups:
+            break
+        out.append(pos)
+        taken += need[pos]
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -729,22 +759,23 @@ def prefill_bytes_per_token(model: Any, longest: int) -> int:
     return (8 * hidden + 4 * inner) * itemsize + 32 * longest
 
 
-def _prefill_chunks(take: list[tuple[int, int]], packs, budget: int) -> Iterator[list[tuple[int, int]]]:
+def _prefill_chunks(take: list[tuple[int, int]], tokens: Sequence[int], branches: Sequence[int],
+                    budget: int) -> Iterator[list[tuple[int, int]]]:
     """Split (row, position) pairs into prefill batches of at most ``budget`` padded tokens, of which at most a
-    quarter padding, and at most PREFILL_LANES branches (which bounds the logits)."""
-    take = sorted(take, key=lambda rp: -packs[rp[1]].num_tokens)  # similar lengths together: less padding
+    quarter padding, and at most PREFILL_LANES branches (which bounds the logits). ``tokens``, ``branches``:
+    each position's prompt tokens and branches."""
+    take = sorted(take, key=lambda rp: -tokens[rp[1]])  # similar lengths together: less padding
     chunk: list[tuple[int, int]] = []
     lanes = real = 0
     for rp in take:
-        p = packs[rp[1]]
-        padded = (len(chunk) + 1) * (packs[chunk[0][1]].num_tokens if chunk else p.num_tokens)  # the longest first
-        if chunk and (padded > budget or 4 * (padded - real - p.num_tokens) > budget
-                      or lanes + len(p.branch_ids) > PREFILL_LANES):
+        n, k = tokens[rp[1]], branches[rp[1]]
+        padded = (len(chunk) + 1) * (tokens[chunk[0][1]] if chunk else n)  # the longest first
+        if chunk and (padded > budget or 4 * (padded - real - n) > budget or lanes + k > PREFILL_LANES):
             yield chunk
             chunk, lanes, real = [], 0, 0
         chunk.append(rp)
-        lanes += len(p.branch_ids)
-        real += p.num_tokens
+        lanes += k
+        real += n
     if chunk:
         yield chunk
 

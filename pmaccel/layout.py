@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +122,50 @@ def pack_sample(
         last_index=inverse[ends[1:]].tolist(),
         last_time=[t + n_b - 1 for t, n_b in zip(starts, lens)],
     )
+
+
+class PackOnRead(Sequence[PackedSample]):
+    """Samples packed when first read: a run packs only the samples it admits, and the decode engine packs the
+    next ones while the device runs its steps (``prepare``) instead of all of them before its first step.
+
+    Args:
+        tokenized: each sample's token ids.
+        pack: packs the sample at a position from its ``TokenizedSample`` (``pack_sample`` with its layout).
+
+    Example:
+        >>> packs = PackOnRead([TokenizedSample([1], [[2], [3, 4]])], lambda i, ts: pack_sample(ts))
+        >>> packs.sizes()[0].tolist(), packs[0].input_ids.tolist()
+        ([4], [1, 2, 3, 4])
+    """
+
+    def __init__(self, tokenized: Sequence[TokenizedSample], pack: Callable[[int, TokenizedSample], PackedSample]):
+        self._tokenized, self._pack = tokenized, pack
+        self._packed: list[PackedSample | None] = [None] * len(tokenized)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204  (int or slice, as Sequence's)
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        p = self._packed[i]
+        if p is None:
+            p = self._packed[i] = self._pack(i if i >= 0 else i + len(self), self._tokenized[i])
+        return p
+
+    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's prompt tokens and branches, without packing it."""
+        return (np.array([ts.num_tokens for ts in self._tokenized], dtype=np.int64),
+                np.array([len(ts.branches) for ts in self._tokenized], dtype=np.int64))
+
+    def prepare(self, positions: Iterable[int]) -> None:
+        """Pack the samples at ``positions`` now (those packed already are left as they are)."""
+        for i in positions:
+            self[i]
+
+    def packed(self) -> int:
+        """How many samples are packed so far."""
+        return sum(p is not None for p in self._packed)
 
 
 def append_outputs(p: PackedSample, output_ids: list[list[int]]) -> PackedSample:

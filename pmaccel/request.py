@@ -4,6 +4,7 @@
     Layout            how a sample is laid out (chat template, branch stride, alignment, packing order,
                       seeded time offsets); ``Layout.of(settings)`` / ``Layout.of(kwargs)``
     pack_request      sample -> (TokenizedSample, PackedSample), as ``generate`` packs it
+    tokenize_request  sample -> TokenizedSample, as ``pack_request`` tokenizes it (``generate`` packs later)
     sample_seed       the seed of sample ``index``: its time offsets and its sampling draws
     stop_ids          the model's EOS ids (else the tokenizer's) plus extra stop ids
     check_call        the checks ``generate`` and ``score_samples`` share (mask, batch size, indices)
@@ -94,11 +95,16 @@ def pack_request(sample: Mapping[str, Any], tokenizer: Any, layout: Layout,
     Example:
         >>> ts, packed = pack_request({"main": "Hi", "branches": ["a", "b"]}, tokenizer, Layout(), 0)  # doctest: +SKIP
     """
+    ts = tokenize_request(sample, tokenizer, layout, index)
+    return ts, pack_sample(ts, **layout.pack_kwargs(index))
+
+
+def tokenize_request(sample: Mapping[str, Any], tokenizer: Any, layout: Layout, index: int) -> TokenizedSample:
+    """Tokenize sample ``index`` as ``pack_request`` does; an error names the sample."""
     try:
-        ts = tokenize_sample(sample, tokenizer, chat_template=layout.chat_template)
+        return tokenize_sample(sample, tokenizer, chat_template=layout.chat_template)
     except PMAccelError as e:
         raise PMAccelError(f"sample {index}: {e}") from None
-    return ts, pack_sample(ts, **layout.pack_kwargs(index))
 
 
 def stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None = None) -> frozenset[int]:

@@ -2,7 +2,6 @@
 transformers' ``generate`` per branch, and each sample decoded alone."""
 
 import random
-import types
 
 import numpy as np
 import pytest
@@ -81,6 +80,33 @@ def test_a_sample_decodes_the_same_alone_and_in_any_pool(mask, align, sampled, i
         assert [r["finish_reasons"] for r in got] == [r["finish_reasons"] for r in alone]
 
 
+def test_samples_are_packed_as_they_are_admitted(ids_tokenizer, monkeypatch):
+    """A run packs a sample when the engine admits it (the next few while the device runs the steps before it),
+    not every sample before its first step; each is packed once, with its own index's time offsets, and
+    decodes as it does alone."""
+    import pmaccel.decode as decode
+
+    model = tiny_model("qwen2")
+    patch_rope(model, 0.5)
+    samples = [MORE[i % len(MORE)] for i in range(24)]
+    kw = dict(max_new_tokens=6, random_time_offset=True, seed=3, temperature=0.8)
+    packed = []
+    real = decode.pack_sample
+    monkeypatch.setattr(decode, "pack_sample", lambda ts, **k: packed.append(k["time_offset_rng"]) or real(ts, **k))
+    stream = decode.decode_stream(model, ids_tokenizer, samples, engine=Engine(model, EngineConfig(max_lanes=6, columns=1)),
+                                  **kw)
+    got = [next(stream)]
+    assert 0 < len(packed) < len(samples)
+    got += list(stream)
+    assert len(packed) == len(samples)
+    monkeypatch.setattr(decode, "pack_sample", real)
+    alone = [generate(model, ids_tokenizer, [s], indices=[i], **kw)[0] for i, s in enumerate(samples)]
+    assert sorted(pos for pos, _ in got) == list(range(len(samples)))
+    for pos, r in got:
+        assert r["output_ids"] == alone[pos]["output_ids"]
+        assert r["num_prompt_tokens"] == alone[pos]["num_prompt_tokens"]
+
+
 @pytest.mark.parametrize("columns", [None, 1], ids=["sample-rows", "lane-rows"])
 def test_repetition_penalty_in_a_pool_matches_hf(columns, ids_tokenizer):
     model = tiny_model("llama")
@@ -147,21 +173,21 @@ def test_prefill_chunks_bound_tokens_padding_and_lanes():
     """Every sample in one chunk, longest first; a chunk of more than one sample holds at most ``budget`` padded
     tokens, of which at most a quarter padding, and at most PREFILL_LANES branches."""
     rng = random.Random(0)
-    packs = [types.SimpleNamespace(num_tokens=rng.choice([1, 7, 30, 31, 200, 900]), branch_ids=[0] * rng.randint(1, 8))
-             for _ in range(400)]
+    tokens = [rng.choice([1, 7, 30, 31, 200, 900]) for _ in range(400)]
+    branches = [rng.randint(1, 8) for _ in range(400)]
     for budget in (1, 64, 1000, 8192, 10**6):
         take = [(row, pos) for row, pos in zip(range(1000, 1400), rng.sample(range(400), 400))]
-        chunks = list(_prefill_chunks(take, packs, budget))
+        chunks = list(_prefill_chunks(take, tokens, branches, budget))
         assert sorted(rp for c in chunks for rp in c) == sorted(take)
-        lengths = [packs[pos].num_tokens for c in chunks for _, pos in c]
+        lengths = [tokens[pos] for c in chunks for _, pos in c]
         assert lengths == sorted(lengths, reverse=True)
         for c in chunks:
-            n = [packs[pos].num_tokens for _, pos in c]
+            n = [tokens[pos] for _, pos in c]
             if len(c) > 1:
                 assert len(n) * n[0] <= budget and 4 * (len(n) * n[0] - sum(n)) <= budget
-            assert sum(len(packs[pos].branch_ids) for _, pos in c) <= PREFILL_LANES
-    few = [types.SimpleNamespace(num_tokens=t, branch_ids=[0]) for t in (100, 100, 100, 90, 10, 10)]
-    assert [[pos for _, pos in c] for c in _prefill_chunks(list(enumerate(range(6))), few, 400)] == [
+            assert sum(branches[pos] for _, pos in c) <= PREFILL_LANES
+    few = [100, 100, 100, 90, 10, 10]
+    assert [[pos for _, pos in c] for c in _prefill_chunks(list(enumerate(range(6))), few, [1] * 6, 400)] == [
         [0, 1, 2, 3], [4, 5]]  # 100 x 4 = 400 tokens with 10 padding; a fifth row would pass the budget
 
 
