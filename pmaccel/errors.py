@@ -26,3 +26,12 @@ class PMAccelError(ValueError):
         if field is not None:
             where += f"{field}: "
         super().__init__((where + message).replace("\n", " "))
+
+    def __reduce__(self) -> tuple:
+        # pickled whole (file, row, field kept), as when an error goes from one process to another
+        return _rebuild, (type(self), self.problem, self.file, self.row, self.field)
+
+
+def _rebuild(cls: type[PMAccelError], problem: str, file: str | None, row: int | None,
+             field: str | None) -> PMAccelError:
+    return cls(problem, file=file, row=row, field=field)

@@ -18,3 +18,13 @@ def test_message_names_what_is_known_on_one_line(kwargs, text):
     e = PMAccelError("bad\nthing", **kwargs)
     assert str(e) == text.replace("\n", " ") and isinstance(e, ValueError)
     assert (e.file, e.row, e.field, e.problem) == (kwargs.get("file"), kwargs.get("row"), kwargs.get("field"), "bad\nthing")
+
+
+def test_an_error_pickles_whole():
+    """An error goes from one process to another (the ranks' input errors, a started process's) as it was."""
+    import pickle
+
+    e = PMAccelError("malformed JSON", file="rows.jsonl", row=2, field="branches")
+    got = pickle.loads(pickle.dumps(e))
+    assert type(got) is PMAccelError and str(got) == str(e) == "rows.jsonl:2: branches: malformed JSON"
+    assert (got.problem, got.file, got.row, got.field) == ("malformed JSON", "rows.jsonl", 2, "branches")
