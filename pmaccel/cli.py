@@ -110,10 +110,6 @@ def _main(argv: Sequence[str] | None) -> int:
         # under a launcher every rank meets the same input error: the main one says it, once
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
-        else:
-            from pmaccel.run import after_the_main_process
-
-            after_the_main_process()
         return 2
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:

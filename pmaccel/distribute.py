@@ -4,9 +4,6 @@
     shard            this rank's share of the unfinished samples: ``split_between_processes`` (padding on) over
                      their indices, computed from the done flags a chunk at a time
     run_batches      this rank's samples, batch by batch (``batch_end``); an OOM halves the batch and retries it
-    raise_together   work every rank does at once (reading, grouping): an input error any rank meets is raised
-                     on every rank, the first in rank order (the main process says it)
-    on_every_rank    whether a flag holds on every rank (e.g. the tokens cached already)
     broadcast_from_main / gather_to_main   the results the main process cannot read from the part files
                      itself (no shared filesystem) travel to it alone, a chunk of samples at a time
 
@@ -20,9 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
 logger = logging.getLogger("pmaccel")
 
 
@@ -140,38 +136,6 @@ def gather_phases(accelerator: Any, phases: dict[str, float]) -> list[dict[str, 
     from accelerate.utils import gather_object
 
     return [p for _, p in sorted(gather_object([(accelerator.process_index, phases)]))]
-
-
-def on_every_rank(accelerator: Any, flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank; the same answer on each (every rank must call this)."""
-    from accelerate.utils import gather_object
-
-    if accelerator.num_processes == 1:
-        return bool(flag)
-    return all(gather_object([bool(flag)]))
-
-
-def raise_together(accelerator: Any, work: Callable[[], T]) -> T:
-    """``work()`` on every rank at once; where any rank meets an input error (``PMAccelError``), every rank
-    raises the first one in rank order, so the main process always has the error to say, whichever rank met
-    it (every rank must call this).
-
-    Example:
-        >>> valid = raise_together(accelerator, lambda: rows.check("raise"))  # doctest: +SKIP
-    """
-    from accelerate.utils import gather_object
-
-    from pmaccel.errors import PMAccelError
-
-    try:
-        value, error = work(), None
-    except PMAccelError as e:
-        value, error = None, e
-    if accelerator.num_processes > 1:
-        error = next((e for e in gather_object([error]) if e is not None), None)
-    if error is not None:
-        raise error
-    return value
 
 
 def broadcast_from_main(accelerator: Any, value: Any) -> Any:

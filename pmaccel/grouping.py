@@ -132,53 +132,24 @@ def tokenize_rows(rows: Any, tokenizer: Any, grouping: Grouping, *, count: Calla
         "flat": datasets.Value("bool"), "num_tokens": datasets.Value("int64"), "num_branches": datasets.Value("int32"),
         "tok_error": datasets.Value("string"), "tok_field": datasets.Value("string"),
         "main_ids": int_list, "branch_ids": datasets.List(int_list)})
-    fn = _Tokenize(tokenizer, grouping, count, lists_as_json, _keeps_ids(grouping, count))
+    keep_ids = count is None and not grouping.chat_template and grouping.vocab_size is not None \
+        and grouping.vocab_size < 2**31
+    fn = _Tokenize(tokenizer, grouping, count, lists_as_json, keep_ids)
+    fingerprint = _digest([rows._fingerprint, _tokenizer_digest(tokenizer), grouping.chat_template,
+                           grouping.max_total_tokens, grouping.vocab_size, count_name, lists_as_json, keep_ids,
+                           LAYOUT, TOKENIZE_BATCH])
     if not len(rows):  # every row skipped
         return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
     parts = []
-    for (start, end), fingerprint in _token_ranges(rows, tokenizer, grouping, count, count_name, lists_as_json):
-        # a range at a time, each from a fresh mapping of the rows
+    for start in range(0, len(rows), TOKENIZE_RANGE):  # a range at a time, each from a fresh mapping of the rows
+        end = min(start + TOKENIZE_RANGE, len(rows))
         part = rows if end - start == len(rows) else remapped(rows).select(range(start, end))
         nproc = num_workers if num_workers > 1 and len(part) > TOKENIZE_BATCH else None
         with _quiet_datasets():
             parts.append(part.map(fn, batched=True, batch_size=TOKENIZE_BATCH, writer_batch_size=TOKENIZE_BATCH,
                                   num_proc=nproc, features=features, remove_columns=rows.column_names,
-                                  new_fingerprint=fingerprint))
+                                  new_fingerprint=fingerprint if part is rows else _digest([fingerprint, start, end])))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def tokens_cached(rows: Any, tokenizer: Any, grouping: Grouping, *, count: Callable[[Row], int] | None = None,
-                  count_name: str = "", lists_as_json: bool = False) -> bool:
-    """Whether ``tokenize_rows`` (same arguments) would load every range of ``rows`` from datasets' cache, as on
-    a repeated run: then no process needs to wait for another to tokenize. ``False`` where that cannot be told
-    (no cache files, caching off, or ranges tokenized by worker processes, whose files are shards)."""
-    import os
-
-    import datasets
-
-    if not len(rows) or not rows.cache_files or not datasets.is_caching_enabled():
-        return False
-    folder = os.path.dirname(rows.cache_files[0]["filename"])  # where Dataset.map keeps a result by fingerprint
-    return all(os.path.exists(os.path.join(folder, f"cache-{fingerprint}.arrow"))
-               for _, fingerprint in _token_ranges(rows, tokenizer, grouping, count, count_name, lists_as_json))
-
-
-def _keeps_ids(grouping: Grouping, count: Callable[[Row], int] | None) -> bool:
-    """Whether tokenizing keeps each row's token ids (not only its counts)."""
-    return count is None and not grouping.chat_template and grouping.vocab_size is not None \
-        and grouping.vocab_size < 2**31
-
-
-def _token_ranges(rows: Any, tokenizer: Any, grouping: Grouping, count: Callable[[Row], int] | None,
-                  count_name: str, lists_as_json: bool) -> Iterator[tuple[tuple[int, int], str]]:
-    """The ranges of rows that ``tokenize_rows`` maps one at a time, each with its cache fingerprint (of the rows,
-    the tokenizer and the settings that change the result)."""
-    fingerprint = _digest([rows._fingerprint, _tokenizer_digest(tokenizer), grouping.chat_template,
-                           grouping.max_total_tokens, grouping.vocab_size, count_name, lists_as_json,
-                           _keeps_ids(grouping, count), LAYOUT, TOKENIZE_BATCH])
-    for start in range(0, len(rows), TOKENIZE_RANGE):
-        end = min(start + TOKENIZE_RANGE, len(rows))
-        yield (start, end), fingerprint if end - start == len(rows) else _digest([fingerprint, start, end])
 
 
 class _Tokenize:

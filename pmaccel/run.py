@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Any
 
 from pmaccel import distribute, output
 from pmaccel.errors import PMAccelError
-from pmaccel.grouping import Grouping, Sample, SampleTable, group_samples, tokenize_rows, tokens_cached
+from pmaccel.grouping import Grouping, Sample, SampleTable, group_samples, tokenize_rows
 from pmaccel.rows import Row, RowsView, Skipped, check_data_path, load_rows, remapped
 from pmaccel.settings import Settings, settings_from_kwargs
 
@@ -257,8 +256,6 @@ def _run_here(settings: Settings, job: Job) -> Records | None:
             # processes), instead of each rank's traceback relayed by the launcher
             if _launched_rank() == 0:
                 print(f"pmaccel: error: {e}", file=sys.stderr, flush=True)
-            else:
-                after_the_main_process()
             raise SystemExit(2) from None
         raise
     finally:
@@ -266,16 +263,6 @@ def _run_here(settings: Settings, job: Job) -> Records | None:
             # an in-process run leaves no state behind: a notebook's later notebook_launcher/debug_launcher
             # with several processes would fork children that believe they run alone (and hang)
             AcceleratorState._reset_state(reset_partial_state=True)
-
-
-MAIN_SAYS_IT_S = 1.0  # how long a rank other than the main one waits before it ends on an input error
-
-
-def after_the_main_process() -> None:
-    """A rank other than the main one that met an input error, which every rank meets at the same time
-    (``distribute.raise_together``), waits a moment before it ends: a launcher stops every process once one has
-    ended, and must not stop the main one before it has said the error."""
-    time.sleep(MAIN_SAYS_IT_S)
 
 
 LAUNCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "FORK_LAUNCHED")  # set by accelerate, torchrun, notebook_launcher
@@ -385,19 +372,15 @@ def _run_job(settings: Settings, job: Job) -> Records | None:
 def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, started: float,
                 clock: _Phases) -> Records | None:
     data_path = check_data_path(job.data_path(settings))  # every rank: a missing file is everyone's error
-    if accelerator.is_local_main_process:  # before any rank of this machine indexes part files (the gather below)
+    if accelerator.is_local_main_process:  # before any rank of this machine indexes part files (the barrier below)
         output.remove_stale_places(out_path)
-
-    def read() -> tuple[Any, list[Skipped], str, bool]:
+    with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
         rows = load_rows(data_path, num_workers=settings.num_workers)
-        if not len(rows):
-            raise PMAccelError("the file has no rows", file=rows.path)
-        valid, skipped = rows.check(settings.on_error)
-        return valid, skipped, rows.path, rows.lists_as_json  # the rows' mapping goes: the pages the check read leave
-
-    # every rank at once: datasets builds a new file's Arrow table once, under its own file lock, while the others
-    # wait for it and then map it; a bad row is every rank's error, and the main process says it
-    valid, read_skipped, path, lists_as_json = distribute.raise_together(accelerator, read)
+    if not len(rows):
+        raise PMAccelError("the file has no rows", file=rows.path)
+    valid, read_skipped = rows.check(settings.on_error)  # every rank meets the same first bad row
+    path, lists_as_json = rows.path, rows.lists_as_json
+    del rows  # its mapping: the pages the check read leave this process
     clock.mark("read_s")
     model, tokenizer = _load_model(settings, accelerator)
     # the kernels compile in threads while the rows are tokenized; with worker processes, which are forked and
@@ -407,18 +390,12 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
         _compile_ahead(settings, model)
     clock.mark("load_s")
     grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
-    count = job.counter(tokenizer, settings)
-    # tokenized once (num_workers processes) by the main process first, and cached for the others; where every
-    # rank finds the tokens cached already (a repeated run), all load them at once
-    cached = distribute.on_every_rank(accelerator, tokens_cached(valid, tokenizer, grouping, count=count,
-                                                                 count_name=job.kind, lists_as_json=lists_as_json))
-    with contextlib.nullcontext() if cached else accelerator.main_process_first():
-        tokens = tokenize_rows(valid, tokenizer, grouping, count=count, count_name=job.kind,
-                               lists_as_json=lists_as_json, num_workers=settings.num_workers)
+    with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
+        tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings),
+                               count_name=job.kind, lists_as_json=lists_as_json, num_workers=settings.num_workers)
     if forks:
         _compile_ahead(settings, model)
-    table, skipped = distribute.raise_together(accelerator, functools.partial(
-        group_samples, RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped))
+    table, skipped = group_samples(RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped)
     del valid, tokens  # the samples' table holds a fresh mapping of the rows and this one of the tokens
     _collect_from_here()
     param = next(model.parameters())

@@ -18,7 +18,6 @@ import torch
 from helpers_infer import MIXED_ROWS, REPO, log_collectives, rank, repo_path, write_jsonl
 
 from pmaccel import distribute, output
-from pmaccel.errors import PMAccelError
 from pmaccel.inference import infer
 
 # ----------------------------------------------------------------------------- the batch loop
@@ -73,49 +72,6 @@ def test_collectives_in_one_process():
     done = np.zeros(7, dtype=bool)
     done[[2, 5]] = True
     assert distribute.agree_on_done(acc, done).tolist() == done.tolist()
-    assert distribute.on_every_rank(acc, True) is True and distribute.on_every_rank(acc, False) is False
-    assert distribute.raise_together(acc, lambda: 5) == 5
-    with pytest.raises(PMAccelError, match="rows.jsonl:3: bad"):
-        distribute.raise_together(acc, lambda: (_ for _ in ()).throw(PMAccelError("bad", file="rows.jsonl", row=3)))
-
-
-TOGETHER = """
-from accelerate import Accelerator
-from pmaccel import distribute
-from pmaccel.errors import PMAccelError
-acc = Accelerator(cpu=True)
-rank = acc.process_index
-
-def work(fails):
-    if rank in fails:
-        raise PMAccelError(f"rank {rank}'s row", file="rows.jsonl", row=rank + 1)
-    return rank
-
-seen = [distribute.on_every_rank(acc, True), distribute.on_every_rank(acc, rank == 0)]
-for fails in ((), (1,), (0, 1)):
-    try:
-        seen.append(distribute.raise_together(acc, lambda: work(fails)))
-    except PMAccelError as e:
-        seen.append(str(e))
-print(seen)
-acc.end_training()
-"""
-
-
-def test_every_rank_raises_the_first_input_error_any_rank_meets():
-    """Work every rank does at once (reading, grouping): an error one rank meets is every rank's, the first in
-    rank order, so that the main process says it whichever rank met it."""
-    from pmaccel.launch import _free_port
-
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": repo_path(), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", TOGETHER], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    last = [o.strip().splitlines()[-1] for o, _ in outs]
-    assert last == [str([True, False, 0, "rows.jsonl:2: rank 1's row", "rows.jsonl:1: rank 0's row"]),
-                    str([True, False, 1, "rows.jsonl:2: rank 1's row", "rows.jsonl:1: rank 0's row"])], outs
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5])

@@ -158,60 +158,6 @@ def test_every_format_carries_every_row_shape(tmp_path, fmt):
         (r.number, r.flat, r.main, r.branches, r.key) for r in reference]
 
 
-def test_tokens_cached_says_whether_tokenizing_would_load_every_range(tmp_path, monkeypatch):
-    """What lets the processes of a repeated run load the tokens at once, none waiting for the main one."""
-    from pmaccel.grouping import tokens_cached
-
-    valid, _ = load_rows(write_jsonl(tmp_path / "rows.jsonl", generated_rows(300, seed=2))).check("raise")
-    tok = make_tokenizer()
-    g = Grouping(vocab_size=len(tok))
-    assert not tokens_cached(valid, tok, g)
-    tokenize_rows(valid, tok, g)
-    assert tokens_cached(valid, tok, g)
-    assert not tokens_cached(valid, tok, Grouping(vocab_size=len(tok), max_total_tokens=50)), "other settings"
-    assert not tokens_cached(valid, tok, g, count=len, count_name="score"), "another count"
-    monkeypatch.setattr(pmaccel.grouping, "TOKENIZE_RANGE", 128)  # three ranges, each cached on its own
-    assert not tokens_cached(valid, tok, g)
-    tokenize_rows(valid, tok, g)
-    assert tokens_cached(valid, tok, g)
-    assert not tokens_cached(valid.select([]), tok, g), "no rows"
-    in_memory = datasets.Dataset.from_dict(valid.to_dict())  # no cache files: nothing to load
-    tokenize_rows(in_memory, tok, g)
-    assert not tokens_cached(in_memory, tok, g)
-
-
-READ_AT_ONCE = """
-import sys, time
-from pmaccel.rows import load_rows
-path, start = sys.argv[1], float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))  # both processes read at the same moment
-rows = load_rows(path)
-print([r["number"] for r in rows.data], rows.data.cache_files[0]["filename"])
-"""
-
-
-def test_processes_that_read_a_new_file_at_once_build_its_table_once(tmp_path):
-    """The processes of a run read the rows at the same time (none waits for the main one): datasets builds the
-    Arrow table under a file lock, and the others map what it wrote."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from helpers_infer import repo_path
-
-    path = write_jsonl(tmp_path / "rows.jsonl", generated_rows(2000, seed=4))
-    env = {**os.environ, "PYTHONPATH": repo_path(), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    start = str(time.time() + 8)  # after both have imported datasets
-    procs = [subprocess.Popen([sys.executable, "-c", READ_AT_ONCE, str(path), start], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    (numbers, file), (numbers2, file2) = [o.rsplit(" ", 1) for o, _ in outs]
-    assert numbers == numbers2 == str(list(range(1, 2001))) and file == file2
-    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 1, "one table"
-
-
 def test_tokenized_once_in_workers_with_the_ids_of_tokenize_sample(tmp_path, monkeypatch):
     rows = generated_rows(300, seed=1)
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
