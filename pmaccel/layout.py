@@ -163,10 +163,6 @@ class PackOnRead(Sequence[PackedSample]):
         for i in positions:
             self[i]
 
-    def packed(self) -> int:
-        """How many samples are packed so far."""
-        return sum(p is not None for p in self._packed)
-
 
 def append_outputs(p: PackedSample, output_ids: list[list[int]]) -> PackedSample:
     """The final packed sequence: the prompt followed by the generated tokens in the order decoding
