@@ -324,7 +324,7 @@ def read_phases(job: Job) -> list[dict] | None:
     return None
 
 
-TIMELINE = ("start_s", "read_s", "load_s", "tokenize_s", "shard_s", "run_s", "gather_s", "write_s")  # one after another
+TIMELINE = ("start_s", "read_s", "load_s", "tokenize_s", "group_s", "shard_s", "run_s", "gather_s", "write_s")  # one after another
 
 
 def outside_ranks(wall: float, phases: list[dict] | None) -> float | None:

@@ -6,7 +6,9 @@ decoder only ever sees a transformers causal LM, patched or not.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +94,72 @@ def check_hub_reachable(model_id: str, timeout: float = 3.0) -> None:
         ) from None
 
 
-def _from_pretrained(base_model: str | os.PathLike, dtype: torch.dtype, attn_implementation: str,
-                     device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(base_model: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """What ``from_pretrained`` takes for ``base_model``: the name (a local directory or a model id) and, for a
+    GGUF file, ``gguf_file`` (transformers dequantizes it; needs the gguf package)."""
     path = check_model_path(base_model)
     kwargs: dict[str, Any] = {}
-    if path.suffix == ".gguf":  # a GGUF file: transformers dequantizes it (needs the gguf package)
+    if path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         path = path.parent
     name = str(path) if path.exists() else str(base_model)
     if not path.exists():
         check_hub_reachable(name)
+    return name, kwargs
+
+
+@contextlib.contextmanager
+def _loading(base_model: str | os.PathLike) -> Iterator[None]:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        if device.type == "cuda" and "gguf_file" not in kwargs:
-            kwargs["device_map"] = device  # weights go straight to the GPU, not through host memory first
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
+        yield
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PMAccelError(f"cannot load model {base_model!r}: {first}", field="base_model") from None
-    return model, tokenizer
+
+
+def load_tokenizer(base_model: str | os.PathLike | None = None) -> Any:
+    """The tokenizer ``load_model`` returns for ``base_model``, without loading the weights.
+
+    Args:
+        base_model: as for ``load_model``; ``None`` = the embedded SmolLM2-135M-Instruct.
+
+    Returns:
+        The tokenizer, with the eos token as its pad token where it has none.
+
+    Example:
+        >>> tokenizer = load_tokenizer("Qwen/Qwen2.5-0.5B")  # doctest: +SKIP
+        >>> model, tokenizer = load_model("Qwen/Qwen2.5-0.5B", tokenizer=tokenizer)  # doctest: +SKIP
+    """
+    from transformers import AutoTokenizer
+
+    if base_model is None:
+        from pmaccel.embedded import embedded_model_dir
+
+        base_model = embedded_model_dir()
+    name, kwargs = _source(base_model)
+    with _loading(base_model):
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_config(base_model: str | os.PathLike | None = None) -> Any:
+    """``base_model``'s transformers config, read alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    if base_model is None:
+        from pmaccel.embedded import embedded_model_dir
+
+        base_model = embedded_model_dir()
+    name, kwargs = _source(base_model)
+    with _loading(base_model):
+        return AutoConfig.from_pretrained(name, **kwargs)
+
+
+def vocab_size(config: Any) -> int:
+    """The rows of the input embedding of a model built from ``config`` (token ids below it are the model's)."""
+    return int((config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size)
 
 
 def load_model(
@@ -128,6 +173,7 @@ def load_model(
     device: str | torch.device = DEFAULT_DEVICE,
     merge_lora: bool = True,
     attn_implementation: str = "sdpa",
+    tokenizer: Any = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, ready for ``pmaccel.generate``.
 
@@ -142,6 +188,7 @@ def load_model(
         device: ``"auto"``, ``"cpu"``, ``"cuda:1"``, ... or a torch device.
         merge_lora: merge the adapter into the base weights (same logits, faster).
         attn_implementation: ``"sdpa"`` or ``"eager"`` (both take the packed 4D mask).
+        tokenizer: this model's, from ``load_tokenizer`` (it is not loaded again); default: loaded here.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device``.
@@ -150,6 +197,8 @@ def load_model(
         >>> model, tokenizer = load_model()  # doctest: +SKIP
         >>> model, tokenizer = load_model("Qwen/Qwen2.5-0.5B", lora_path="pm_lora.pth")  # doctest: +SKIP
     """
+    from transformers import AutoModelForCausalLM
+
     from pmaccel.lora import apply_lora
     from pmaccel.rope import patch_rope as apply_rope_2d
 
@@ -159,7 +208,14 @@ def load_model(
         from pmaccel.embedded import embedded_model_dir
 
         base_model = embedded_model_dir()
-    model, tokenizer = _from_pretrained(base_model, torch_dtype, attn_implementation, dev)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(base_model)
+    name, kwargs = _source(base_model)
+    if dev.type == "cuda" and "gguf_file" not in kwargs:
+        kwargs["device_map"] = dev  # weights go straight to the GPU, not through host memory first
+    with _loading(base_model):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     **kwargs)
     if lora_path is not None:
         model = apply_lora(model, lora_path, lora_rank=lora_rank, merge=merge_lora)
     elif lora_rank is not None:
@@ -168,7 +224,5 @@ def load_model(
         patch_rope = lora_path is not None
     if patch_rope:
         apply_rope_2d(model, rope_2d_ratio)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval().requires_grad_(False)
     return model, tokenizer

@@ -3,8 +3,9 @@ call in plain Python, under ``notebook_launcher`` and under ``accelerate launch`
 
 Importing this module is light (torch, transformers and accelerate load when a job runs).
 
-    settings -> check the output path -> read rows (an Arrow table, built once) -> load model
-      -> tokenize (Dataset.map, cached) -> group into samples (numpy) -> part files (resume)
+    settings -> check the output path -> read rows (an Arrow table, built once)
+      -> tokenize (Dataset.map, cached), while the model loads in a thread -> group into samples (numpy)
+      -> part files (resume)
       -> this rank's share, a chunk of samples at a time -> the main process merges the part files
          in sample order into the output, line by line -> clean up
 
@@ -21,9 +22,11 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -374,33 +377,32 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     data_path = check_data_path(job.data_path(settings))  # every rank: a missing file is everyone's error
     if accelerator.is_local_main_process:  # before any rank of this machine indexes part files (the barrier below)
         output.remove_stale_places(out_path)
-    with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
-        rows = load_rows(data_path, num_workers=settings.num_workers)
-    if not len(rows):
-        raise PMAccelError("the file has no rows", file=rows.path)
-    valid, read_skipped = rows.check(settings.on_error)  # every rank meets the same first bad row
-    path, lists_as_json = rows.path, rows.lists_as_json
-    del rows  # its mapping: the pages the check read leave this process
-    clock.mark("read_s")
-    model, tokenizer = _load_model(settings, accelerator)
-    # the kernels compile in threads while the rows are tokenized; with worker processes, which are forked and
-    # do not mix with threads (a lock a thread holds stays held in the child), once those are done
-    forks = settings.num_workers > 1
-    if not forks:
-        _compile_ahead(settings, model)
-    clock.mark("load_s")
-    grouping = Grouping.from_settings(settings, vocab_size=model.get_input_embeddings().num_embeddings)
-    with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
-        tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings),
-                               count_name=job.kind, lists_as_json=lists_as_json, num_workers=settings.num_workers)
-    if forks:
-        _compile_ahead(settings, model)
+    loading = _Loading(settings, accelerator)
+    with loading.settled_on_error():
+        with accelerator.main_process_first():  # the Arrow table of the rows is built once; the others map it
+            rows = load_rows(data_path, num_workers=settings.num_workers)
+        if not len(rows):
+            raise PMAccelError("the file has no rows", file=rows.path)
+        valid, read_skipped = rows.check(settings.on_error)  # every rank meets the same first bad row
+        path, lists_as_json = rows.path, rows.lists_as_json
+        del rows  # its mapping: the pages the check read leave this process
+        loading.go()
+        clock.mark("read_s")
+        tokenizer, vocab_size = loading.tokenizer()
+        clock.mark("load_s")
+        grouping, tokens = _tokenize(settings, job, accelerator, valid, tokenizer, vocab_size, lists_as_json)
+        clock.mark("tokenize_s")
+        model = loading.model()
+        clock.mark("load_s")
+    if _embedding_rows(model) != vocab_size:  # a config that did not say the model's
+        grouping, tokens = _tokenize(settings, job, accelerator, valid, tokenizer, _embedding_rows(model),
+                                     lists_as_json)
     table, skipped = group_samples(RowsView(remapped(valid), lists_as_json), tokens, path, grouping, read_skipped)
     del valid, tokens  # the samples' table holds a fresh mapping of the rows and this one of the tokens
     _collect_from_here()
     param = next(model.parameters())
     keys = _Keys(settings, job, runtime=f"{param.dtype}@{param.device.type}")
-    clock.mark("tokenize_s")
+    clock.mark("group_s")
 
     done = distribute.agree_on_done(accelerator, _resume_state(settings, accelerator, out_path, table, keys))
     mine = _longest_first(distribute.shard(accelerator, done), table.num_tokens)
@@ -429,6 +431,25 @@ def _run_locked(settings: Settings, job: Job, accelerator: Any, out_path: Path, 
     if accelerator.is_main_process:
         output.remove_part_files(output.find_part_files(out_path))
     return records
+
+
+def _overlaps(settings: Settings, accelerator: Any) -> bool:
+    """Whether the model loads in a thread while the rows are read and tokenized (``_Loading``): where there are
+    several processes, whose ranks wait for the main one's reading and tokenizing (``main_process_first``) and
+    load meanwhile; not in a process alone, where the two threads take turns at the interpreter and the reading
+    and tokenizing slow down by what the overlap gains (docs/PERFORMANCE.md); not with tokenizing processes
+    (``num_workers`` > 1: forked, and a lock a thread holds would stay held in them)."""
+    return accelerator.num_processes > 1 and settings.num_workers <= 1
+
+
+def _tokenize(settings: Settings, job: Job, accelerator: Any, valid: Any, tokenizer: Any, vocab_size: int,
+              lists_as_json: bool) -> tuple[Grouping, Any]:
+    """The grouping settings and the tokens of the valid rows (``tokenize_rows``)."""
+    grouping = Grouping.from_settings(settings, vocab_size=vocab_size)
+    with accelerator.main_process_first():  # tokenized once (num_workers processes), cached for the others
+        tokens = tokenize_rows(valid, tokenizer, grouping, count=job.counter(tokenizer, settings), count_name=job.kind,
+                               lists_as_json=lists_as_json, num_workers=settings.num_workers)
+    return grouping, tokens
 
 
 def _longest_first(indices: Any, num_tokens: Any) -> Any:
@@ -499,7 +520,8 @@ def _resident_now_gb() -> dict[str, float]:
 
 
 class _Phases:
-    """Wall-clock seconds of a rank's phases (read, load, tokenize, run, gather, write), as marked."""
+    """Wall-clock seconds of a rank's phases (read, load, tokenize, run, gather, write), as marked: the time since
+    the last mark goes to the phase named (added up, for a phase marked twice)."""
 
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
@@ -507,7 +529,7 @@ class _Phases:
 
     def mark(self, name: str) -> float:
         now = time.perf_counter()
-        self.phases[name] = round(now - self._last, 3)
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self._last, 3)
         self._last = now
         return self.phases[name]
 
@@ -562,19 +584,145 @@ def _compile_ahead(settings: Settings, model: Any) -> None:
         invariant.compile_ahead(model, after=lambda: warmup.wait(settings))
 
 
-def _load_model(settings: Settings, accelerator: Any) -> tuple[Any, Any]:
-    from pmaccel.model import load_model
+class _Loading:
+    """The model and its tokenizer, loaded beside the rows' reading and tokenizing where that gains (``_overlaps``).
 
-    device = accelerator.device if settings.device == "auto" else settings.device
-    if settings.base_model is None:
-        from pmaccel.embedded import embedded_model_dir
+    Overlapping, in a thread of its own, which makes no collective call (the ranks' barriers stay in the caller's
+    thread, in one order): first what costs no device memory (the imports, the device's context, the tokenizer
+    and the model's config), while the rows are read; then, once the rows passed their check (``go``), the
+    weights, the LoRA and 2D RoPE (``load_model``) and the kernels' compiling ahead (``_compile_ahead``), while
+    the rows are tokenized. A bad row is said without loading any weights.
 
-        with accelerator.main_process_first():  # the embedded model is converted once, by the main process
-            embedded_model_dir()
-    # every rank loads at the same time (one after the other, N ranks took N times as long)
-    return load_model(settings.base_model, lora_path=settings.lora_path, lora_rank=settings.lora_rank,
-                      rope_2d_ratio=settings.rope_2d_ratio, patch_rope=settings.patch_rope, dtype=settings.dtype,
-                      device=device)
+    Otherwise, in the caller's thread: all of it when the tokenizer is asked for (after the reading), so that the
+    kernels compile in their threads while the rows are tokenized; with tokenizing processes (``num_workers`` > 1:
+    forked, and a lock a thread holds would stay held in them) the kernels start once the model is asked for,
+    after the tokenizing. Each rank loads its own copy at the same time.
+    """
+
+    def __init__(self, settings: Settings, accelerator: Any):
+        self.settings = settings
+        self.device = accelerator.device if settings.device == "auto" else settings.device
+        if settings.base_model is None:
+            from pmaccel.embedded import embedded_model_dir
+
+            with accelerator.main_process_first():  # the embedded model is converted once, by the main process
+                embedded_model_dir()
+        self._tokenizer: Future = Future()
+        self._model: Future = Future()
+        self._go, self._cancelled = threading.Event(), False
+        self._thread: threading.Thread | None = None
+        if _overlaps(settings, accelerator):
+            # imported whole first: datasets' hashing reads transformers' names where it is in sys.modules, and
+            # could meet it half-imported by the thread
+            import transformers  # noqa: F401
+
+            self._thread = threading.Thread(target=self._load, name="pmaccel-load")
+            self._thread.start()
+
+    def go(self) -> None:
+        """The rows are fine: the weights may load."""
+        self._go.set()
+
+    def tokenizer(self) -> tuple[Any, int]:
+        """The tokenizer and the model's vocabulary size (waits for them; raises the loading's error)."""
+        if self._thread is None and not self._tokenizer.done():  # in this thread: the model too, and at once
+            tokenizer = self._load_tokenizer()
+            model = self._load_model(tokenizer)
+            self._model.set_result(model)
+            self._tokenizer.set_result((tokenizer, _embedding_rows(model)))
+        return self._tokenizer.result()
+
+    def model(self) -> Any:
+        """The model, in place (waits for it; raises the loading's error)."""
+        self.go()
+        model = self._model.result()
+        if self._thread is not None:
+            self._thread.join()  # done but for its return
+        if self.settings.num_workers > 1:  # the tokenizing processes are done: the kernels' threads may start
+            _compile_ahead(self.settings, model)
+        return model
+
+    @contextlib.contextmanager
+    def settled_on_error(self) -> Iterator[None]:
+        """On an error meanwhile (a bad row, say), no weights load after it. The error goes up at once (the main
+        rank says it before the others end); the thread ends by itself, and the process waits for it before it
+        exits (the thread is no daemon: no process exits under it while it starts the device)."""
+        try:
+            yield
+        except BaseException:
+            self._cancelled = True
+            self._go.set()
+            raise
+
+    def _load(self) -> None:
+        """The thread: the tokenizer and the vocabulary size as soon as the config says it, the model once the rows
+        are fine (and the vocabulary size then, where the config was not read)."""
+        try:
+            self._start_device()
+            tokenizer = self._load_tokenizer()
+            vocab_size = self._config_vocab_size()
+            if vocab_size is not None:
+                self._tokenizer.set_result((tokenizer, vocab_size))
+            self._go.wait()
+            if self._cancelled:
+                return
+            model = self._load_model(tokenizer)
+            self._model.set_result(model)
+            if vocab_size is None:
+                self._tokenizer.set_result((tokenizer, _embedding_rows(model)))
+        except BaseException as e:  # noqa: BLE001  (the caller's to raise, when it asks)
+            for future in (self._tokenizer, self._model):
+                if not future.done():
+                    future.set_exception(e)
+
+    def _start_device(self) -> None:
+        """This thread on the run's device, and the device's context started, while the rows are read."""
+        import torch
+
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return
+        if device.index is None:  # "cuda": the caller's current device (device 0 where CUDA has not started yet)
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+        torch.cuda.set_device(device)  # a thread's current device is its own (device 0 at first)
+        torch.empty(1, device=device)
+        self.device = device
+
+    def _load_tokenizer(self) -> Any:
+        from pmaccel.model import load_tokenizer
+
+        return load_tokenizer(self.settings.base_model)
+
+    def _config_vocab_size(self) -> int | None:
+        """The vocabulary size the model's config gives, and its code imported; ``None`` for a GGUF file (reading
+        its config costs about as much as its tokenizer: the model's own count comes soon enough)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        from pmaccel.model import model_config, vocab_size
+
+        base = self.settings.base_model
+        if base is not None and Path(base).suffix == ".gguf":
+            return None
+        config = model_config(base)
+        with contextlib.suppress(Exception):  # the model's code imports now (load_model says what else is wrong)
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return vocab_size(config)
+
+    def _load_model(self, tokenizer: Any) -> Any:
+        from pmaccel.model import load_model
+
+        s = self.settings
+        model, _ = load_model(s.base_model, lora_path=s.lora_path, lora_rank=s.lora_rank,
+                              rope_2d_ratio=s.rope_2d_ratio, patch_rope=s.patch_rope, dtype=s.dtype,
+                              device=self.device, tokenizer=tokenizer)
+        if s.num_workers <= 1:
+            _compile_ahead(s, model)
+        return model
+
+
+def _embedding_rows(model: Any) -> int:
+    """The rows of ``model``'s input embedding: its vocabulary size, which given token ids must lie below."""
+    return model.get_input_embeddings().num_embeddings
 
 
 class _Keys:

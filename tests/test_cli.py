@@ -112,6 +112,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, existing, tiny, tmp_pa
         assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+def said(capsys) -> list[str]:
+    """What the run wrote to stderr, but transformers' progress bars."""
+    return [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line and line.strip()]
+
+
 def test_skip_writes_the_good_rows_and_an_errors_file(tiny, tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text(lines('{"id": 1, "text": "the cat"}', "{oops", '{"id": 3, "branches": ["a dog", ""]}',
@@ -226,20 +231,174 @@ def test_two_runs_on_one_output_take_turns(tiny, tmp_path):
 # ----------------------------------------------------------------------------- start-up
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_kernels_compile_ahead_while_tokenizing_unless_workers_are_forked(tiny, tmp_path, monkeypatch, workers):
-    """The GPU kernels start compiling in threads once the weights are loaded, so that the tokenizing overlaps
-    them; with tokenizing processes (forked: a lock one of those threads holds would stay held in them), after."""
+@pytest.mark.parametrize("overlap, workers", [(True, 0), (False, 0), (False, 2)],
+                         ids=["overlapping", "alone", "alone_with_tokenizing_processes"])
+def test_where_the_model_loads_and_the_kernels_compile(tiny, tmp_path, monkeypatch, overlap, workers):
+    """Where the loading overlaps (``_overlaps``), the weights load in a thread of their own while the rows are
+    tokenized, and the GPU kernels start compiling there once they are in place. Otherwise the run's own thread
+    loads the weights before tokenizing, and the kernels compile in their threads while it tokenizes; with
+    tokenizing processes (forked: a lock one of those threads holds would stay held in them), after. Either way
+    the output is the same."""
+    import threading
+
     import pmaccel.run
 
-    order = []
-    tokenize = pmaccel.run.tokenize_rows
-    monkeypatch.setattr(pmaccel.run, "tokenize_rows", lambda *a, **k: (order.append("tokenize"), tokenize(*a, **k))[1])
-    monkeypatch.setattr(pmaccel.run, "_compile_ahead", lambda settings, model: order.append("compile ahead"))
+    monkeypatch.setattr(pmaccel.run, "_overlaps", lambda settings, accelerator: overlap)
+    events, tokenizing = [], threading.Event()
+    tokenize, load = pmaccel.run.tokenize_rows, pmaccel.model.load_model
+
+    def here() -> str:
+        return "main" if threading.current_thread() is threading.main_thread() else "thread"
+
+    def tokenize_rows(*args, **kwargs):
+        events.append(("tokenize", here()))
+        tokenizing.set()
+        return tokenize(*args, **kwargs)
+
+    def load_model(*args, **kwargs):
+        # in the thread, the weights wait here until the rows are being tokenized: a load that came first would
+        # time out
+        assert not overlap or tokenizing.wait(timeout=120), "the weights loaded before the rows were tokenized"
+        events.append(("load", here()))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(pmaccel.run, "tokenize_rows", tokenize_rows)
+    monkeypatch.setattr(pmaccel.model, "load_model", load_model)
+    monkeypatch.setattr(pmaccel.run, "_compile_ahead", lambda settings, model: events.append(("compile ahead", here())))
     data = write_jsonl(tmp_path / "mixed.jsonl", MIXED_ROWS)
-    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl"),
+    out = tmp_path / "out.jsonl"
+    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(out),
                  "--max_new_tokens", "2", "--num_workers", str(workers)]) == 0
-    assert order == (["compile ahead", "tokenize"] if workers < 2 else ["tokenize", "compile ahead"])
+    assert events == {
+        (True, 0): [("tokenize", "main"), ("load", "thread"), ("compile ahead", "thread")],
+        (False, 0): [("load", "main"), ("compile ahead", "main"), ("tokenize", "main")],
+        (False, 2): [("load", "main"), ("tokenize", "main"), ("compile ahead", "main")],
+    }[overlap, workers]
+    assert not any(t.name == "pmaccel-load" for t in threading.enumerate())
+    monkeypatch.undo()
+    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "plain.jsonl"),
+                 "--max_new_tokens", "2", "--num_workers", "2"]) == 0
+    assert out.read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+
+
+def test_the_loading_overlaps_the_rows_where_ranks_wait_and_no_tokenizing_process_is_forked():
+    """Several processes (a rank waits for the main one's reading and tokenizing), and no forked tokenizing
+    processes (a lock the loading thread holds would stay held in them); in a process alone, never."""
+    from types import SimpleNamespace
+
+    from pmaccel.run import _overlaps
+
+    assert _overlaps(Settings(num_workers=0), SimpleNamespace(num_processes=2))
+    assert _overlaps(Settings(num_workers=1), SimpleNamespace(num_processes=4))
+    assert not _overlaps(Settings(num_workers=2), SimpleNamespace(num_processes=2))
+    assert not _overlaps(Settings(num_workers=0), SimpleNamespace(num_processes=1))
+
+
+def test_a_bad_row_loads_no_weights_and_the_loading_ends_first(tiny, tmp_path, monkeypatch, capsys):
+    """Where the loading overlaps the rows, a bad row is said (one line, exit status 2) at once, without any weights
+    loading, though the tokenizer loads meanwhile; the loading thread then ends by itself. An error in the loading
+    itself is said after the rows' own."""
+    import threading
+
+    import pmaccel.run
+
+    loaded = []
+    monkeypatch.setattr(pmaccel.run, "_overlaps", lambda settings, accelerator: True)
+    monkeypatch.setattr(pmaccel.model, "load_model", lambda *a, **k: loaded.append("weights"))
+    real_tokenizer = pmaccel.model.load_tokenizer
+    monkeypatch.setattr(pmaccel.model, "load_tokenizer", lambda *a, **k: (time.sleep(0.5), real_tokenizer(*a, **k))[1])
+    data = tmp_path / "rows.jsonl"
+    data.write_text(lines('{"text": "the cat"}', '{"text": "a dog"'))
+    argv = ["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl")]
+    assert main(argv) == 2
+    for thread in threading.enumerate():
+        if thread.name == "pmaccel-load":
+            assert not thread.daemon  # a process exits only once it is done
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+    assert loaded == []
+    err = said(capsys)
+    assert len(err) == 1 and err[0].startswith(f"pmaccel: error: {data}:2: malformed JSON"), err
+
+    def unloadable(*args, **kwargs):
+        raise pmaccel.run.PMAccelError("cannot load model 'x': broken", field="base_model")
+
+    monkeypatch.setattr(pmaccel.model, "load_tokenizer", unloadable)
+    assert main(argv) == 2  # the row first
+    err = said(capsys)
+    assert len(err) == 1 and err[0].startswith(f"pmaccel: error: {data}:2: malformed JSON"), err
+    data.write_text(lines('{"text": "the cat"}', '{"text": "a dog"}'))
+    assert main(argv) == 2
+    assert said(capsys) == ["pmaccel: error: base_model: cannot load model 'x': broken"]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_unforeseen_error_of_the_loading_thread_is_the_runs(tiny, tmp_path, monkeypatch):
+    """Whatever the loading thread meets (here: starting the device) is raised by the run, which does not wait on."""
+    import threading
+
+    import pmaccel.run
+
+    def broken(self):
+        raise ValueError("no such device")
+
+    monkeypatch.setattr(pmaccel.run, "_overlaps", lambda settings, accelerator: True)
+    monkeypatch.setattr(pmaccel.run._Loading, "_start_device", broken)
+    data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS)
+    raised = []
+
+    def run():
+        try:
+            main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl")])
+        except ValueError as e:
+            raised.append(str(e))
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the run waits for a loading that has failed"
+    assert raised == ["no such device"] and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_gguf_files_vocabulary_comes_with_its_model(tiny, tmp_path, monkeypatch):
+    """A GGUF file's config is not read ahead of its weights (reading it costs about what its tokenizer does): where
+    the loading overlaps the rows, the vocabulary size comes once the model is loaded, the rows are tokenized then,
+    and the output is the same."""
+    import pmaccel.run
+
+    loading = object.__new__(pmaccel.run._Loading)
+    loading.settings = Settings(base_model=str(tmp_path / "model.gguf"))
+    monkeypatch.setattr(pmaccel.model, "model_config", lambda *a, **k: pytest.fail("the config was read"))
+    assert loading._config_vocab_size() is None
+    monkeypatch.undo()
+
+    data = write_jsonl(tmp_path / "rows.jsonl", MIXED_ROWS)
+    argv = ["--base_model", str(tiny), "--data_path", str(data), "--max_new_tokens", "3"]
+    assert main([*argv, "--out_path", str(tmp_path / "plain.jsonl")]) == 0
+    monkeypatch.setattr(pmaccel.run, "_overlaps", lambda settings, accelerator: True)
+    monkeypatch.setattr(pmaccel.run._Loading, "_config_vocab_size", lambda self: None)
+    assert main([*argv, "--out_path", str(tmp_path / "out.jsonl")]) == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+
+
+def test_token_ids_are_checked_against_the_loaded_model_when_its_config_says_otherwise(tiny, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Where the loading overlaps the rows, the vocabulary size read from the config (before the weights) is checked
+    against the model once it is loaded: where they differ, the rows are tokenized again with the model's, so an id
+    past the model's rows is an error."""
+    import transformers
+
+    import pmaccel.run
+
+    monkeypatch.setattr(pmaccel.run, "_overlaps", lambda settings, accelerator: True)
+    config = transformers.AutoConfig.from_pretrained(tiny)
+    monkeypatch.setattr(pmaccel.model, "vocab_size", lambda config: config.vocab_size + 100)
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"main": "the cat", "branches": ["a dog", {"input_ids": [
+        config.vocab_size]}]}])
+    assert main(["--base_model", str(tiny), "--data_path", str(data), "--out_path", str(tmp_path / "out.jsonl")]) == 2
+    assert said(capsys) == [f"pmaccel: error: {data}:1: branches[1].input_ids: token id {config.vocab_size} is "
+                            f"outside the model's vocabulary (0..{config.vocab_size - 1}); give ids of this model's "
+                            "tokenizer"]
 
 
 def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tmp_path, monkeypatch):
@@ -250,7 +409,7 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
     import pmaccel.run
 
     seen = {}
-    real_load = pmaccel.run._load_model
+    real_load = pmaccel.model.load_model
 
     def load(*args, **kwargs):
         seen["while loading"] = gc.isenabled()
@@ -265,7 +424,7 @@ def test_start_up_runs_without_the_collector_and_freezes_what_it_loaded(tiny, tm
         os.close(write)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pmaccel.run, "_load_model", load)
+    monkeypatch.setattr(pmaccel.model, "load_model", load)
     # the command in this process (main() reads sys.argv), whose bytecode setting is restored afterwards
     monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
     monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
