@@ -94,6 +94,15 @@ def check_hub_reachable(model_id: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def _or_embedded(base_model: str | os.PathLike | None) -> str | os.PathLike:
+    """``base_model``, or for ``None`` the embedded model's directory (converted once, then cached)."""
+    if base_model is not None:
+        return base_model
+    from pmaccel.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
 def _source(base_model: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """What ``from_pretrained`` takes for ``base_model``: the name (a local directory or a model id) and, for a
     GGUF file, ``gguf_file`` (transformers dequantizes it; needs the gguf package)."""
@@ -132,10 +141,7 @@ def load_tokenizer(base_model: str | os.PathLike | None = None) -> Any:
     """
     from transformers import AutoTokenizer
 
-    if base_model is None:
-        from pmaccel.embedded import embedded_model_dir
-
-        base_model = embedded_model_dir()
+    base_model = _or_embedded(base_model)
     name, kwargs = _source(base_model)
     with _loading(base_model):
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -148,10 +154,7 @@ def model_config(base_model: str | os.PathLike | None = None) -> Any:
     """``base_model``'s transformers config, read alone (no weights are loaded)."""
     from transformers import AutoConfig
 
-    if base_model is None:
-        from pmaccel.embedded import embedded_model_dir
-
-        base_model = embedded_model_dir()
+    base_model = _or_embedded(base_model)
     name, kwargs = _source(base_model)
     with _loading(base_model):
         return AutoConfig.from_pretrained(name, **kwargs)
@@ -204,10 +207,7 @@ def load_model(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if base_model is None:
-        from pmaccel.embedded import embedded_model_dir
-
-        base_model = embedded_model_dir()
+    base_model = _or_embedded(base_model)
     if tokenizer is None:
         tokenizer = load_tokenizer(base_model)
     name, kwargs = _source(base_model)

@@ -601,7 +601,7 @@ class _Loading:
 
     def __init__(self, settings: Settings, accelerator: Any):
         self.settings = settings
-        self.device = accelerator.device if settings.device == "auto" else settings.device
+        self.device = _run_device(settings, accelerator)
         if settings.base_model is None:
             from pmaccel.embedded import embedded_model_dir
 
@@ -679,14 +679,9 @@ class _Loading:
         """This thread on the run's device, and the device's context started, while the rows are read."""
         import torch
 
-        device = torch.device(self.device)
-        if device.type != "cuda":
-            return
-        if device.index is None:  # "cuda": the caller's current device (device 0 where CUDA has not started yet)
-            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
-        torch.cuda.set_device(device)  # a thread's current device is its own (device 0 at first)
-        torch.empty(1, device=device)
-        self.device = device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a thread's current device is its own (device 0 at first)
+            torch.empty(1, device=self.device)
 
     def _load_tokenizer(self) -> Any:
         from pmaccel.model import load_tokenizer
@@ -718,6 +713,20 @@ class _Loading:
         if s.num_workers <= 1:
             _compile_ahead(s, model)
         return model
+
+
+def _run_device(settings: Settings, accelerator: Any) -> Any:
+    """The device the run loads its model on: the accelerator's (``--device auto``) or the one given, with its index.
+    A ``cuda`` without one is the current device of the calling thread (device 0 where CUDA has not started): a
+    thread that loads for it has a current device of its own."""
+    import torch
+
+    from pmaccel.model import resolve_device
+
+    device = accelerator.device if settings.device == "auto" else resolve_device(settings.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+    return device
 
 
 def _embedding_rows(model: Any) -> int:

@@ -360,6 +360,31 @@ def test_an_unforeseen_error_of_the_loading_thread_is_the_runs(tiny, tmp_path, m
     assert raised == ["no such device"] and not (tmp_path / "out.jsonl").exists()
 
 
+def test_the_device_a_run_loads_on_has_its_index_from_the_run_s_own_thread(monkeypatch):
+    """``--device cuda`` (no index) is the device current in the run's thread, as ``model.to("cuda")`` there would
+    take it, not the device 0 a loading thread starts on; ``auto`` is the accelerator's; an unknown one is an
+    input error."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from pmaccel.run import _run_device
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device",
+                        lambda: 3 if threading.current_thread() is threading.main_thread() else 0)
+    accelerator = SimpleNamespace(device=torch.device("cuda", 1))
+    assert _run_device(Settings(device="cuda"), accelerator) == torch.device("cuda", 3)
+    assert _run_device(Settings(device="cuda:2"), accelerator) == torch.device("cuda", 2)
+    assert _run_device(Settings(device="auto"), accelerator) == torch.device("cuda", 1)
+    assert _run_device(Settings(device="cpu"), accelerator) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # CUDA not started: device 0, in any thread
+    assert _run_device(Settings(device="cuda"), accelerator) == torch.device("cuda", 0)
+    with pytest.raises(pmaccel.run.PMAccelError, match="device: unknown device 'tpu7'"):
+        _run_device(Settings(device="tpu7"), accelerator)
+
+
 def test_a_gguf_files_vocabulary_comes_with_its_model(tiny, tmp_path, monkeypatch):
     """A GGUF file's config is not read ahead of its weights (reading it costs about what its tokenizer does): where
     the loading overlaps the rows, the vocabulary size comes once the model is loaded, the rows are tokenized then,
