@@ -1,6 +1,6 @@
 """``python -m pmaccel`` (also ``accelerate launch -m pmaccel``)."""
 
-from pmaccel.cli import main
+from pmaccel.cli import command
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command()
