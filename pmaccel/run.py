@@ -209,7 +209,7 @@ def run_job(settings: Settings, job: Job, *, own_process: bool | None = None) ->
     from pmaccel import launch
 
     if launch.check_process_count(settings):
-        return launch.run_processes(settings, job, fork=own_process is False)
+        return launch.run_processes(settings, job)
     if own_process is None:
         own_process = spares_cuda(settings)
     if own_process:
@@ -276,11 +276,8 @@ def _forked_rank() -> bool:
     ``debug_launcher``), not a program started by ``accelerate launch``/``torchrun``."""
     import multiprocessing
 
-    from pmaccel import launch
-
     launched = os.environ.get("FORK_LAUNCHED") == "1" or "TORCHELASTIC_RUN_ID" in os.environ
-    return (launched and int(os.environ.get("WORLD_SIZE", "1")) > 1 and multiprocessing.parent_process() is not None
-            and not launch.forked_here())
+    return launched and int(os.environ.get("WORLD_SIZE", "1")) > 1 and multiprocessing.parent_process() is not None
 
 
 def _launched_rank() -> int:
