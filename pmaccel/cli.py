@@ -59,10 +59,10 @@ def command() -> NoReturn:
 def end_now(status: int) -> NoReturn:
     """End the command's process with ``status``, as ``sys.exit`` would but without the interpreter's teardown
     (every module's objects freed one by one, with torch, transformers and datasets loaded: 1.2-1.4 s on a 2-core
-    machine, about 0.2 s on a GPU host, after the run is over). What comes before the teardown still happens, in the interpreter's order: thread pools
-    are told to end and every thread that is no daemon is waited for, the exit handlers run (logging's,
-    multiprocessing's, temporary directories'), the output is flushed. Where the interpreter does not expose
-    the first step, the process exits as usual."""
+    machine, about 0.2 s on a GPU host, after the run is over). What comes before the teardown still happens, in
+    the interpreter's order: thread pools are told to end and every thread that is no daemon is waited for, the
+    exit handlers run (logging's, multiprocessing's, temporary directories'), the output is flushed. Where the
+    interpreter does not expose the first step, the process exits as usual."""
     import atexit
     import threading
 
